@@ -1,0 +1,14 @@
+"""The generation engine: model, loading, tokenizer, sampling, generation, capture.
+
+The fast-BLAS set-up must run before MLX is first imported (engine/blas.py),
+hence its place above the other imports.
+"""
+
+from .blas import use_fast_blas
+
+use_fast_blas()
+
+from .generation import batch_generate, run_with_capture  # noqa: E402
+from .loading import load  # noqa: E402
+
+__all__ = ["load", "batch_generate", "run_with_capture", "use_fast_blas"]

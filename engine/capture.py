@@ -1,0 +1,69 @@
+"""Capture points: the ``cap(name, x)`` protocol the model calls.
+
+A ``Capture`` records the values of a fixed set of names during one forward
+pass; ``NO_CAPTURE`` records nothing and costs nothing. Layouts: everything is
+``[batch, seq, ...]`` except attention scores and weights, which are
+``[batch, heads, seq, keys]`` with the key axis indexing absolute slots
+``0..T-1`` of the (left-padded) sequence; keys a query does not see hold
+``-inf`` (scores) or ``0`` (weights).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import mlx.core as mx
+
+
+class Capture:
+    """Records the values of ``names`` seen during forward passes, by name."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names = frozenset(names)
+        self.values: dict[str, mx.array] = {}
+
+    def __call__(self, name: str, x: mx.array) -> mx.array:
+        if name in self.names:
+            self.values[name] = x
+        return x
+
+    def heads(self, name: str, x: mx.array) -> mx.array:
+        """Records a ``[B, H, L, D]`` value as ``[B, L, H, D]``."""
+        if name in self.names:
+            self.values[name] = x.transpose(0, 2, 1, 3)
+        return x
+
+    def wants(self, *names: str) -> bool:
+        return any(name in self.names for name in names)
+
+    def attention(self, name: str, x: mx.array, slots: mx.array) -> None:
+        """Records ``[B, H, L, K]`` attention whose column j holds key slot ``slots[j]``."""
+        if name not in self.names:
+            return
+        K = slots.shape[0]
+        total = int(mx.max(slots).item()) + 1
+        columns = mx.arange(total) % K
+        valid = slots[columns] == mx.arange(total)
+        fill = -mx.inf if name.endswith("scores") else 0.0
+        self.values[name] = mx.where(valid, x[..., columns], mx.array(fill, x.dtype))
+
+    def take(self) -> dict[str, mx.array]:
+        values, self.values = self.values, {}
+        return values
+
+
+class _NoCapture(Capture):
+    def __init__(self):
+        super().__init__(())
+
+    def __call__(self, name: str, x: mx.array) -> mx.array:
+        return x
+
+    def heads(self, name: str, x: mx.array) -> mx.array:
+        return x
+
+    def wants(self, *names: str) -> bool:
+        return False
+
+
+NO_CAPTURE = _NoCapture()

@@ -1,0 +1,273 @@
+"""Batched generation with a KV cache, and one forward pass for analysis.
+
+``generate`` yields events (tokens per step, captured activations, finished
+results) that the publisher puts on the bus; ``batch_generate`` collects the
+results in-process. Step 0 is the prompt pass; step k > 0 feeds the token
+chosen at step k - 1.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .capture import NO_CAPTURE, Capture
+from .errors import ConfigError
+from .model import Gemma3
+from .sampling import SamplingParams, row_streams, sample
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's outcome. ``tokens`` are the generated ids, stop token excluded."""
+
+    index: int
+    prompt: str
+    formatted_prompt: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    seed: int
+    timings: dict[str, float]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["num_prompt_tokens"] = len(self.prompt_tokens)
+        out["num_tokens"] = len(self.tokens)
+        return out
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 100
+    sampling: SamplingParams = SamplingParams()
+    seed: int | None = None
+    batch_size: int = 4
+    chat: bool = False
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.seed is None:
+            object.__setattr__(self, "seed", secrets.randbits(31))
+
+
+@dataclass
+class StepEvent:
+    """The tokens chosen at ``step`` for the rows ``indices`` (prompt indices)."""
+
+    step: int
+    indices: list[int]
+    tokens: list[int]
+    positions: list[int]  # position of each chosen token in its row's sequence
+
+
+@dataclass
+class ActivationEvent:
+    """A captured value at ``step``: ``array`` is ``[rows, seq, ...]`` (attention ``[rows, heads, seq, keys]``)."""
+
+    step: int
+    name: str
+    indices: list[int]
+    positions: list[list[int]]  # per row, the sequence positions of the seq axis (-1: padding)
+    array: mx.array
+
+
+@dataclass
+class ResultEvent:
+    result: GenerationResult
+
+
+def generate(
+    model: Gemma3,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    capture_names: Sequence[str] = (),
+    indices: Sequence[int] | None = None,
+) -> Iterator[StepEvent | ActivationEvent | ResultEvent]:
+    """Generates for every prompt, ``config.batch_size`` at a time, yielding events in order."""
+    indices = list(range(len(prompts))) if indices is None else list(indices)
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = slice(start, start + config.batch_size)
+        yield from _generate_batch(model, tokenizer, list(prompts[chunk]), indices[chunk], config, capture_names)
+
+
+def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig, capture_names):
+    started = time.perf_counter()
+    formatted = [tokenizer.format(p, config.chat) for p in prompts]
+    rows = [tokenizer.encode(p, config.chat) for p in prompts]
+    ids, pad = tokenizer.pad_batch(rows)
+    B, width = ids.shape
+    vocab = model.config.vocab_size
+    cache = model.make_cache(B, width + config.max_tokens)
+    streams = row_streams(config.seed, indices)
+    seen = np.zeros((B, vocab), dtype=bool)
+    for r, row in enumerate(rows):
+        seen[r, [t for t in row if t < vocab]] = True
+    seen = mx.array(seen)
+    pads = pad.tolist()
+
+    generated: list[list[int]] = [[] for _ in prompts]
+    finish: list[str | None] = [None] * B
+    cap = Capture(capture_names) if capture_names else NO_CAPTURE
+    tokens_in = ids
+    prompt_seconds = 0.0
+    for step in range(config.max_tokens):
+        logits = model(tokens_in, pad, cache, cap, last_only=True)[:, -1]
+        uniforms = None if config.sampling.temperature == 0 else np.array([s.random() for s in streams])
+        tokens, record = sample(logits, seen, config.sampling, uniforms)
+        if capture_names:
+            for name, value in record.items():
+                cap(f"generate.step_{step}.sample.{name}", value[:, None])
+        chosen = tokens.tolist()
+        if step == 0:
+            prompt_seconds = time.perf_counter() - started
+        if capture_names:
+            yield from _activation_events(cap.take(), step, indices, pads, width)
+        live = [r for r in range(B) if finish[r] is None]
+        yield StepEvent(step, [indices[r] for r in live], [chosen[r] for r in live],
+                        [width - pads[r] + step for r in live])
+        for r in live:
+            if chosen[r] in tokenizer.stop_ids:
+                finish[r] = "stop"
+                continue
+            generated[r].append(chosen[r])
+            if config.stop and _hit_stop(tokenizer.decode(generated[r]), config.stop):
+                finish[r] = "stop"
+        if all(f is not None for f in finish):
+            break
+        seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
+        tokens_in = tokens[:, None]
+
+    elapsed = time.perf_counter() - started
+    decode_seconds = elapsed - prompt_seconds
+    for r in range(B):
+        text = tokenizer.decode(generated[r])
+        if config.stop:
+            text = _cut_at_stop(text, config.stop)
+        yield ResultEvent(
+            GenerationResult(
+                index=indices[r],
+                prompt=prompts[r],
+                formatted_prompt=formatted[r],
+                prompt_tokens=rows[r],
+                tokens=generated[r],
+                text=text,
+                finish_reason=finish[r] or "length",
+                seed=config.seed,
+                timings={
+                    "prompt_seconds": prompt_seconds,
+                    "generation_seconds": decode_seconds,
+                    "batch_tokens_per_second": sum(map(len, generated)) / elapsed if elapsed else 0.0,
+                },
+            )
+        )
+
+
+def _activation_events(values, step, indices, pads, width):
+    for name, array in values.items():
+        length = array.shape[2] if name.endswith(("attn_scores", "attn_weights")) else array.shape[1]
+        first = width - length + step  # slot of the first entry along seq
+        positions = [[slot - p if slot >= p else -1 for slot in range(first, first + length)] for p in pads]
+        yield ActivationEvent(step, name, list(indices), positions, array)
+
+
+def _hit_stop(text: str, stops: Sequence[str]) -> bool:
+    return any(s in text for s in stops)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cuts = [text.index(s) for s in stops if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def batch_generate(
+    model: Gemma3,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_tokens: int = 100,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.1,
+    seed: int | None = None,
+    batch_size: int = 4,
+    chat: bool = False,
+    stop: Sequence[str] | None = None,
+    save_activations_dir=None,
+    capture: Sequence[str] | None = None,
+) -> list[GenerationResult]:
+    """Generates a continuation for each prompt; returns one result per prompt, in order.
+
+    ``temperature=0`` is greedy. With a ``seed``, each prompt's sampled output
+    is independent of the batch size and of its neighbours.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    config = GenerationConfig(
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature, top_p, top_k, repetition_penalty),
+        seed=seed,
+        batch_size=batch_size,
+        chat=chat,
+        stop=tuple(stop or ()),
+    )
+    results = []
+    for event in generate(model, tokenizer, list(prompts), config, list(capture or ())):
+        if isinstance(event, ResultEvent):
+            results.append(event.result)
+    return sorted(results, key=lambda r: r.index)
+
+
+def as_token_batch(tokenizer: Tokenizer, inputs) -> tuple[mx.array, mx.array]:
+    """Token ids ``[B, T]`` and left padding ``[B]`` for a string, strings, ids or rows of ids."""
+    if isinstance(inputs, mx.array):
+        ids = inputs if inputs.ndim == 2 else inputs[None]
+        return ids.astype(mx.int32), mx.zeros((ids.shape[0],), dtype=mx.int32)
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if inputs and all(isinstance(t, (int, np.integer)) for t in inputs):
+        inputs = [inputs]
+    rows = [tokenizer.encode(x) if isinstance(x, str) else [int(t) for t in x] for x in inputs]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ConfigError("run_with_capture: inputs must be non-empty strings or id lists")
+    return tokenizer.pad_batch(rows)
+
+
+class Activations(dict):
+    """Captured values by name, ``[batch, seq, ...]`` in the left-padded layout.
+
+    ``pad[b]`` leading entries of row b are padding; ``tokens`` are the ids fed.
+    """
+
+    def __init__(self, values, pad: list[int], tokens: mx.array):
+        super().__init__(values)
+        self.pad = pad
+        self.tokens = tokens
+
+
+def run_with_capture(model: Gemma3, tokenizer: Tokenizer, inputs, names: Sequence[str] = ()):
+    """One forward pass: logits ``[batch, seq, vocab]`` and the captured ``names``."""
+    ids, pad = as_token_batch(tokenizer, inputs)
+    cap = Capture(names) if names else NO_CAPTURE
+    logits = model(ids, pad, cap=cap)
+    values = cap.take()
+    mx.eval(logits, values)
+    return logits, Activations(values, pad.tolist(), ids)

@@ -1,0 +1,246 @@
+"""The Gemma 3 text decoder in MLX, with a named capture point at every step.
+
+Reads top to bottom like the architecture: norm, rotary embedding, attention,
+MLP, block, model. Every intermediate value passes through ``cap(name, x)``,
+which returns ``x`` and records it only when the name was selected; with
+nothing selected the calls cost a dictionary lookup.
+
+Shapes: B batch, L new tokens, K keys visible, H query heads, G kv heads,
+D head_dim, E hidden_size, F intermediate_size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import GlobalCache, SlidingCache
+from .capture import NO_CAPTURE, Capture
+from .config import Gemma3Config
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * (1 + weight)`` in float32; ``weight`` is stored without the +1."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+
+
+def rotary_tables(positions: mx.array, head_dim: int, base: float, scaling: float, dtype: mx.Dtype):
+    """cos/sin tables ``[B, 1, L, D]`` for integer positions ``[B, L]`` (split-half convention)."""
+    inv_freq = 1.0 / (base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+    angles = (positions.astype(mx.float32) / scaling)[..., None] * inv_freq  # (B, L, D/2)
+    angles = mx.concatenate([angles, angles], axis=-1)[:, None]
+    return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, prefix: str):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.query_pre_attn_scalar**-0.5
+        hidden, width, kv_width = config.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, width, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=False)
+        self.o_proj = nn.Linear(width, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.p = f"{prefix}.self_attn."
+
+    def __call__(self, x, rotary, mask_for, cache, cap: Capture):
+        B, L, _ = x.shape
+        p = self.p
+        queries = cap(p + "q_proj_out", self.q_proj(x))
+        keys = cap(p + "k_proj_out", self.k_proj(x))
+        values = cap(p + "v_proj_out", self.v_proj(x))
+        queries = cap(p + "queries_reshaped", queries.reshape(B, L, self.heads, self.head_dim))
+        keys = cap(p + "keys_reshaped", keys.reshape(B, L, self.kv_heads, self.head_dim))
+        values = cap(p + "values_reshaped", values.reshape(B, L, self.kv_heads, self.head_dim))
+        queries = cap(p + "q_norm_out", self.q_norm(queries)).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        keys = cap(p + "k_norm_out", self.k_norm(keys)).transpose(0, 2, 1, 3)  # (B, G, L, D)
+        values = values.transpose(0, 2, 1, 3)
+        queries = cap.heads(p + "queries_rope", apply_rotary(queries, *rotary))
+        keys = cap.heads(p + "keys_rope", apply_rotary(keys, *rotary))
+        slots = mx.arange(L)
+        if cache is not None:
+            keys, values, slots = cache.update(keys, values)
+        mask = mask_for(slots)  # (B, 1, L, K) bool
+        if cap.wants(p + "attn_scores", p + "attn_weights"):
+            out = self._explicit(queries, keys, values, mask, slots, cap)
+        else:
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        out = cap(p + "attn_out", out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return cap(p + "o_proj_out", self.o_proj(out))
+
+    def _explicit(self, queries, keys, values, mask, slots, cap: Capture):
+        """Attention with its scores and weights materialised, for capture."""
+        B, H, L, D = queries.shape
+        G = self.kv_heads
+        grouped = queries.reshape(B, G, H // G, L, D)  # query head h reads kv head h // (H / G)
+        scores = (grouped * self.scale) @ keys[:, :, None].swapaxes(-1, -2)
+        scores = scores.reshape(B, H, L, -1).astype(mx.float32)
+        scores = mx.where(mask, scores, -mx.inf)
+        cap.attention(self.p + "attn_scores", scores, slots)
+        weights = mx.softmax(scores, axis=-1).astype(queries.dtype)
+        cap.attention(self.p + "attn_weights", weights, slots)
+        out = weights.reshape(B, G, H // G, L, -1) @ values[:, :, None]
+        return out.reshape(B, H, L, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Gemma3Config, prefix: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.p = f"{prefix}.mlp."
+
+    def __call__(self, x, cap: Capture):
+        p = self.p
+        gate = cap(p + "gate_proj_out", self.gate_proj(x))
+        up = cap(p + "up_proj_out", self.up_proj(x))
+        hidden = cap(p + "hidden", cap(p + "act_out", gelu_tanh(gate)) * up)
+        return cap(p + "down_proj_out", self.down_proj(hidden))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: Gemma3Config, index: int):
+        super().__init__()
+        self.p = p = f"model.layers.{index}."
+        self.sliding = config.is_sliding(index)
+        self.self_attn = Attention(config, p[:-1])
+        self.mlp = MLP(config, p[:-1])
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def __call__(self, x, rotary, mask_for, cache, cap: Capture):
+        p = self.p
+        h = cap(p + "input_layernorm_out", self.input_layernorm(cap(p + "input_layernorm_in", x)))
+        h = self.self_attn(h, rotary, mask_for, cache, cap)
+        h = cap(p + "post_attention_layernorm_out", self.post_attention_layernorm(h))
+        x = cap(p + "resid_mid", x + h)
+        h = cap(p + "pre_feedforward_layernorm_out", self.pre_feedforward_layernorm(x))
+        h = self.mlp(h, cap)
+        h = cap(p + "post_feedforward_layernorm_out", self.post_feedforward_layernorm(h))
+        return cap(p + "resid_out", x + h)
+
+
+class Gemma3Model(nn.Module):
+    """Embedding, blocks and final norm; the tied head lives in ``Gemma3``."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [TransformerBlock(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma3(nn.Module):
+    """Gemma 3 text decoder. Parameter names equal Hugging Face's (``model.layers.N...``)."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.model = Gemma3Model(config)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.model.norm.weight.dtype
+
+    def make_cache(self, batch: int, capacity: int) -> list:
+        """One cache per layer for ``capacity`` slots (prompt + new tokens)."""
+        c, dtype = self.config, self.dtype
+        return [
+            SlidingCache(batch, c.num_key_value_heads, min(c.sliding_window, capacity), c.head_dim, dtype)
+            if c.is_sliding(i)
+            else GlobalCache(batch, c.num_key_value_heads, capacity, c.head_dim, dtype)
+            for i in range(c.num_hidden_layers)
+        ]
+
+    def __call__(
+        self,
+        ids: mx.array,
+        pad: mx.array | None = None,
+        cache: list | None = None,
+        cap: Capture = NO_CAPTURE,
+        last_only: bool = False,
+    ) -> mx.array:
+        """Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``) for token ids ``[B, L]``.
+
+        ``pad`` ``[B]`` counts each row's leading pad tokens (left padding);
+        ``cache`` from ``make_cache`` continues a sequence, otherwise ``ids``
+        is the whole sequence.
+        """
+        c = self.config
+        B, L = ids.shape
+        pad = mx.zeros((B,), dtype=mx.int32) if pad is None else pad
+        offset = cache[0].offset if cache else 0
+        query_slots = mx.arange(offset, offset + L)
+        positions = mx.maximum(query_slots[None] - pad[:, None], 0)  # (B, L)
+
+        h = cap("model.embed_tokens_out", self.model.embed_tokens(ids))
+        h = cap("model.embed_scaled", h * mx.array(math.sqrt(c.hidden_size), mx.float32).astype(h.dtype))
+
+        dtype = h.dtype
+        rotary = {
+            True: rotary_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, dtype),
+            False: rotary_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, dtype),
+        }
+        masks = {}
+
+        def mask_maker(sliding):
+            def mask_for(key_slots):
+                key = (sliding, key_slots.shape[0])
+                if key not in masks:
+                    masks[key] = attention_mask(query_slots, key_slots, pad, c.sliding_window if sliding else None)
+                return masks[key]
+
+            return mask_for
+
+        for i, layer in enumerate(self.model.layers):
+            sliding = layer.sliding
+            h = layer(h, rotary[sliding], mask_maker(sliding), cache[i] if cache else None, cap)
+
+        if last_only:
+            h = h[:, -1:]
+        h = cap("model.norm_out", self.model.norm(h))
+        return cap("model.logits", self.model.embed_tokens.as_linear(h))
+
+
+def attention_mask(query_slots, key_slots, pad, window: int | None) -> mx.array:
+    """Which keys each query sees: ``[B, 1, L, K]`` bool.
+
+    Causal, not padding, and (sliding layers) ``q - window < k``. A pad query
+    sees itself alone, so no softmax row is empty; its output is meaningless.
+    """
+    q, k = query_slots[:, None], key_slots[None]
+    seen = (k <= q) & (k >= 0)
+    if window is not None:
+        seen = seen & (k > q - window)
+    seen = seen[None] & (k[None] >= pad[:, None, None])
+    seen = seen | (k == q)[None]
+    return seen[:, None]
