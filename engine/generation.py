@@ -19,7 +19,7 @@ import numpy as np
 from .capture import NO_CAPTURE, Capture
 from .errors import ConfigError
 from .model import Gemma3
-from .sampling import SamplingParams, row_streams, sample
+from .sampling import SamplingParams, sample, step_keys
 from .tokenizer import Tokenizer
 
 
@@ -115,7 +115,6 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     B, width = ids.shape
     vocab = model.config.vocab_size
     cache = model.make_cache(B, width + config.max_tokens)
-    streams = row_streams(config.seed, indices)
     seen = np.zeros((B, vocab), dtype=bool)
     for r, row in enumerate(rows):
         seen[r, [t for t in row if t < vocab]] = True
@@ -129,8 +128,8 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     prompt_seconds = 0.0
     for step in range(config.max_tokens):
         logits = model(tokens_in, pad, cache, cap, last_only=True)[:, -1]
-        uniforms = None if config.sampling.temperature == 0 else np.array([s.random() for s in streams])
-        tokens, record = sample(logits, seen, config.sampling, uniforms)
+        keys = None if config.sampling.temperature == 0 else step_keys(config.seed, indices, step)
+        tokens, record = sample(logits, seen, config.sampling, keys)
         if capture_names:
             for name, value in record.items():
                 cap(f"generate.step_{step}.sample.{name}", value[:, None])

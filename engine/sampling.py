@@ -1,9 +1,11 @@
 """Choosing the next token: repetition penalty, temperature, top-k, top-p, in that order.
 
-Each row draws from its own random stream, seeded from the run seed and the
-prompt's index, so a prompt's sampled output does not depend on the batch it
-is in. One uniform number per row and step picks the token by inverse CDF
-over the kept set.
+Sampling is Gumbel-max over the kept set: the token is the argmax of
+``scaled_logit + g`` where the noise ``g`` of a token is a hash of (row key,
+step, token id). A row's key comes from the run seed and the prompt's index,
+so a prompt's sampled output does not depend on its batch or neighbours, and
+because the noise is tied to token ids, not to ranks, tiny numeric changes
+(another batch shape) do not reorder the draw.
 """
 
 from __future__ import annotations
@@ -39,9 +41,22 @@ class SamplingParams:
             raise ConfigError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
 
 
-def row_streams(seed: int, prompt_indices) -> list[np.random.Generator]:
-    """One random stream per row, determined by the run seed and the prompt index alone."""
-    return [np.random.default_rng([seed, int(index)]) for index in prompt_indices]
+def step_keys(seed: int, prompt_indices, step: int) -> np.ndarray:
+    """``[B, 2]`` uint32 keys for one step, determined by the run seed, prompt index and step alone."""
+    return np.stack([np.random.SeedSequence([seed, int(i), step]).generate_state(2) for i in prompt_indices])
+
+
+def gumbel_noise(keys: mx.array, ids: mx.array) -> mx.array:
+    """Gumbel(0, 1) noise ``[B, M]`` for token ``ids`` ``[B, M]`` under row ``keys`` ``[B, 2]`` (a hash, no state)."""
+    x = ids.astype(mx.uint32) * mx.array(0x9E3779B1, mx.uint32) ^ keys[:, :1]
+    for round_key in (keys[:, 1:], keys[:, :1]):
+        x = x ^ (x >> 16)
+        x = x * mx.array(0x85EBCA6B, mx.uint32)
+        x = x ^ (x >> 13)
+        x = x * mx.array(0xC2B2AE35, mx.uint32)
+        x = x ^ (x >> 16) ^ round_key
+    uniform = ((x >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -mx.log(-mx.log(uniform))
 
 
 def penalize(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
@@ -52,12 +67,12 @@ def penalize(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
 
 
 def sample(
-    logits: mx.array, seen: mx.array, params: SamplingParams, uniforms: np.ndarray | None
+    logits: mx.array, seen: mx.array, params: SamplingParams, keys: np.ndarray | None
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Next tokens ``[B]`` from logits ``[B, V]``, and the named values of the decision.
 
-    ``seen`` ``[B, V]`` marks tokens already in each row; ``uniforms`` ``[B]``
-    in [0, 1) drive the draw (unused when greedy). The record holds
+    ``seen`` ``[B, V]`` marks tokens already in each row; ``keys`` ``[B, 2]``
+    (``step_keys``) drive the draw (unused when greedy). The record holds
     ``logits``, ``penalized_logits``, ``scaled_logits``, ``softmax_probs``,
     ``kept`` (bool, the top-k/top-p set), ``token`` and ``token_prob`` (the
     token's probability in ``softmax_probs``).
@@ -74,9 +89,8 @@ def sample(
         scaled = penalized / params.temperature
         probs = mx.softmax(scaled, axis=-1)
         order, kept_probs = _kept_set(scaled, probs, params)
-        cumulative = mx.cumsum(kept_probs, axis=-1)
-        target = mx.array(uniforms, dtype=mx.float32)[:, None] * cumulative[:, -1:]
-        choice = mx.minimum(mx.sum(cumulative <= target, axis=-1), kept_probs.shape[-1] - 1)
+        perturbed = mx.take_along_axis(scaled, order, axis=-1) + gumbel_noise(mx.array(keys, mx.uint32), order)
+        choice = mx.argmax(mx.where(kept_probs > 0, perturbed, -mx.inf), axis=-1)
         tokens = mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(mx.int32)
         kept = mx.zeros(logits.shape, dtype=mx.bool_)
         kept = mx.put_along_axis(kept, order, kept_probs > 0, axis=-1)

