@@ -20,6 +20,7 @@ from .capture import NO_CAPTURE, Capture
 from .errors import ConfigError
 from .model import Gemma3
 from .sampling import SamplingParams, sample, step_keys
+from .selection import NO_SELECTION, Selection, select
 from .tokenizer import Tokenizer
 
 
@@ -68,8 +69,9 @@ class GenerationConfig:
 
 @dataclass
 class StepEvent:
-    """The tokens chosen at ``step`` for the rows ``indices`` (prompt indices)."""
+    """The tokens chosen at ``step`` of ``batch`` for its live rows ``indices`` (prompt indices)."""
 
+    batch: int
     step: int
     indices: list[int]
     tokens: list[int]
@@ -78,13 +80,18 @@ class StepEvent:
 
 @dataclass
 class ActivationEvent:
-    """A captured value at ``step``: ``array`` is ``[rows, seq, ...]`` (attention ``[rows, heads, seq, keys]``)."""
+    """A captured value: ``array`` is ``[rows, seq, ...]`` (attention ``[rows, heads, seq, keys]``).
 
+    Rows are every prompt of the batch, finished ones included.
+    """
+
+    batch: int
     step: int
     name: str
     indices: list[int]
-    positions: list[list[int]]  # per row, the sequence positions of the seq axis (-1: padding)
+    positions: list[list[int]]  # per row, the sequence position of each seq entry (-1: padding)
     array: mx.array
+    pads: list[int]  # per row, leading pad slots (attention's key axis counts them)
 
 
 @dataclass
@@ -92,22 +99,36 @@ class ResultEvent:
     result: GenerationResult
 
 
+@dataclass
+class BatchEndEvent:
+    """Every row of ``batch`` has finished: its activations are complete."""
+
+    batch: int
+    indices: list[int]
+
+
 def generate(
     model: Gemma3,
     tokenizer: Tokenizer,
     prompts: Sequence[str],
     config: GenerationConfig,
-    capture_names: Sequence[str] = (),
+    selection: Selection = NO_SELECTION,
     indices: Sequence[int] | None = None,
 ) -> Iterator[StepEvent | ActivationEvent | ResultEvent]:
-    """Generates for every prompt, ``config.batch_size`` at a time, yielding events in order."""
+    """Generates for every prompt, ``config.batch_size`` at a time, yielding events in order.
+
+    ``indices`` are the prompts' ids in the run (default 0..n-1); they seed
+    sampling and label every event. A batch is named by its first prompt id.
+    """
     indices = list(range(len(prompts))) if indices is None else list(indices)
     for start in range(0, len(prompts), config.batch_size):
         chunk = slice(start, start + config.batch_size)
-        yield from _generate_batch(model, tokenizer, list(prompts[chunk]), indices[chunk], config, capture_names)
+        yield from _generate_batch(
+            model, tokenizer, list(prompts[chunk]), indices[chunk], config, selection, indices[start]
+        )
 
 
-def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig, capture_names):
+def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig, selection: Selection, batch: int):
     started = time.perf_counter()
     formatted = [tokenizer.format(p, config.chat) for p in prompts]
     rows = [tokenizer.encode(p, config.chat) for p in prompts]
@@ -123,67 +144,77 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
 
     generated: list[list[int]] = [[] for _ in prompts]
     finish: list[str | None] = [None] * B
-    cap = Capture(capture_names) if capture_names else NO_CAPTURE
     tokens_in = ids
     prompt_seconds = 0.0
     for step in range(config.max_tokens):
+        names = selection.names_for_step(step)
+        cap = Capture(names) if names else NO_CAPTURE
         logits = model(tokens_in, pad, cache, cap, last_only=True)[:, -1]
         keys = None if config.sampling.temperature == 0 else step_keys(config.seed, indices, step)
         tokens, record = sample(logits, seen, config.sampling, keys)
-        if capture_names:
-            for name, value in record.items():
-                cap(f"generate.step_{step}.sample.{name}", value[:, None])
+        for name, value in record.items():
+            cap(f"generate.step_{step}.sample.{name}", value[:, None])
         chosen = tokens.tolist()
         if step == 0:
             prompt_seconds = time.perf_counter() - started
-        if capture_names:
-            yield from _activation_events(cap.take(), step, indices, pads, width)
+        yield from _activation_events(cap.take(), batch, step, indices, pads, width, selection.positions)
         live = [r for r in range(B) if finish[r] is None]
-        yield StepEvent(step, [indices[r] for r in live], [chosen[r] for r in live],
+        yield StepEvent(batch, step, [indices[r] for r in live], [chosen[r] for r in live],
                         [width - pads[r] + step for r in live])
         for r in live:
             if chosen[r] in tokenizer.stop_ids:
                 finish[r] = "stop"
-                continue
-            generated[r].append(chosen[r])
-            if config.stop and _hit_stop(tokenizer.decode(generated[r]), config.stop):
-                finish[r] = "stop"
+            else:
+                generated[r].append(chosen[r])
+                if config.stop and _hit_stop(tokenizer.decode(generated[r]), config.stop):
+                    finish[r] = "stop"
+            if finish[r] is None and step == config.max_tokens - 1:
+                finish[r] = "length"
+            if finish[r] is not None:
+                yield ResultEvent(_result(tokenizer, config, indices[r], prompts[r], formatted[r], rows[r],
+                                          generated[r], finish[r], started, prompt_seconds))
         if all(f is not None for f in finish):
             break
         seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
         tokens_in = tokens[:, None]
+    yield BatchEndEvent(batch, list(indices))
 
+
+def _result(tokenizer, config, index, prompt, formatted, prompt_ids, generated, finish, started, prompt_seconds):
+    text = tokenizer.decode(generated)
+    if config.stop:
+        text = _cut_at_stop(text, config.stop)
     elapsed = time.perf_counter() - started
-    decode_seconds = elapsed - prompt_seconds
-    for r in range(B):
-        text = tokenizer.decode(generated[r])
-        if config.stop:
-            text = _cut_at_stop(text, config.stop)
-        yield ResultEvent(
-            GenerationResult(
-                index=indices[r],
-                prompt=prompts[r],
-                formatted_prompt=formatted[r],
-                prompt_tokens=rows[r],
-                tokens=generated[r],
-                text=text,
-                finish_reason=finish[r] or "length",
-                seed=config.seed,
-                timings={
-                    "prompt_seconds": prompt_seconds,
-                    "generation_seconds": decode_seconds,
-                    "batch_tokens_per_second": sum(map(len, generated)) / elapsed if elapsed else 0.0,
-                },
-            )
-        )
+    return GenerationResult(
+        index=index,
+        prompt=prompt,
+        formatted_prompt=formatted,
+        prompt_tokens=prompt_ids,
+        tokens=generated,
+        text=text,
+        finish_reason=finish,
+        seed=config.seed,
+        timings={
+            "prompt_seconds": prompt_seconds,
+            "generation_seconds": elapsed - prompt_seconds,
+            "tokens_per_second": len(generated) / (elapsed - prompt_seconds) if elapsed > prompt_seconds else 0.0,
+        },
+    )
 
 
-def _activation_events(values, step, indices, pads, width):
+def _activation_events(values, batch, step, indices, pads, width, positions_kept):
+    """Events for one step's captured values; slot arithmetic turns the seq axis into positions."""
     for name, array in values.items():
-        length = array.shape[2] if name.endswith(("attn_scores", "attn_weights")) else array.shape[1]
-        first = width - length + step  # slot of the first entry along seq
+        seq_axis = 2 if name.endswith(("attn_scores", "attn_weights")) else 1
+        if name.startswith("generate."):
+            first = width + step  # the position of the token being chosen
+        else:
+            if positions_kept == "last" and step == 0:
+                array = array[:, :, -1:] if seq_axis == 2 else array[:, -1:]
+            first = width + step - array.shape[seq_axis]  # slot of the first entry along seq
+        length = array.shape[seq_axis]
         positions = [[slot - p if slot >= p else -1 for slot in range(first, first + length)] for p in pads]
-        yield ActivationEvent(step, name, list(indices), positions, array)
+        yield ActivationEvent(batch, step, name, list(indices), positions, array, list(pads))
 
 
 def _hit_stop(text: str, stops: Sequence[str]) -> bool:
@@ -193,45 +224,6 @@ def _hit_stop(text: str, stops: Sequence[str]) -> bool:
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
     cuts = [text.index(s) for s in stops if s in text]
     return text[: min(cuts)] if cuts else text
-
-
-def batch_generate(
-    model: Gemma3,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_tokens: int = 100,
-    temperature: float = 0.8,
-    top_p: float = 0.9,
-    top_k: int | None = None,
-    repetition_penalty: float = 1.1,
-    seed: int | None = None,
-    batch_size: int = 4,
-    chat: bool = False,
-    stop: Sequence[str] | None = None,
-    save_activations_dir=None,
-    capture: Sequence[str] | None = None,
-) -> list[GenerationResult]:
-    """Generates a continuation for each prompt; returns one result per prompt, in order.
-
-    ``temperature=0`` is greedy. With a ``seed``, each prompt's sampled output
-    is independent of the batch size and of its neighbours.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    config = GenerationConfig(
-        max_tokens=max_tokens,
-        sampling=SamplingParams(temperature, top_p, top_k, repetition_penalty),
-        seed=seed,
-        batch_size=batch_size,
-        chat=chat,
-        stop=tuple(stop or ()),
-    )
-    results = []
-    for event in generate(model, tokenizer, list(prompts), config, list(capture or ())):
-        if isinstance(event, ResultEvent):
-            results.append(event.result)
-    return sorted(results, key=lambda r: r.index)
 
 
 def as_token_batch(tokenizer: Tokenizer, inputs) -> tuple[mx.array, mx.array]:

@@ -1,0 +1,244 @@
+"""The publisher: engine events onto ZeroMQ topics, off the model's critical path.
+
+Two endpoints:
+
+* **reliable** (an XPUB socket with ``XPUB_NODROP``): for archival sinks. When
+  a subscriber's queue is full, sending blocks, so a slow sink slows the
+  engine down instead of losing frames. Before publishing, the publisher
+  waits until the number of sinks it was told to expect have subscribed to
+  their ``hello.<sink>`` topic (a sink subscribes to it last, so its other
+  subscriptions are in effect too).
+* **lossy** (a plain PUB socket): for live views. A slow subscriber loses
+  frames; the engine never waits for it.
+
+The engine thread hands events to a bounded queue (it blocks only when the
+queue is full); a sender thread converts, compresses (on a pool of threads:
+lz4 releases the GIL) and sends, in order. Every topic has its own sequence
+numbers; ``run.end`` carries the count per topic so each sink can check that
+it has everything.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import zmq
+
+from .frames import VERSION, activation_topic, encode_array, message
+from .generation import ActivationEvent, BatchEndEvent, ResultEvent, StepEvent
+
+_STOP = object()
+
+
+class PublisherError(RuntimeError):
+    """The bus could not be set up (address in use, sinks that never came)."""
+
+
+def to_wire(array: mx.array, wire_dtype: str | None) -> tuple[np.ndarray, str]:
+    """An evaluated MLX array as numpy in its wire dtype (bfloat16 as uint16 bit patterns)."""
+    if wire_dtype == "bfloat16" or (wire_dtype is None and array.dtype == mx.bfloat16):
+        if array.dtype != mx.bfloat16:
+            array = array.astype(mx.bfloat16) if mx.issubdtype(array.dtype, mx.floating) else array
+        if array.dtype == mx.bfloat16:
+            return np.array(array.view(mx.uint16)), "bfloat16"
+    if wire_dtype == "float32" and array.dtype == mx.bfloat16:
+        array = array.astype(mx.float32)
+    out = np.array(array)
+    return out, str(out.dtype)
+
+
+class Publisher:
+    """Publishes one run's events; use as a context manager or call ``start``/``finish``."""
+
+    def __init__(
+        self,
+        reliable: str | list[str] | None = None,
+        lossy: str | list[str] | None = None,
+        expect: int = 0,
+        codec: str = "lz4+shuffle",
+        wire_dtype: str | None = None,
+        queue_size: int = 64,
+        workers: int = 2,
+        context: zmq.Context | None = None,
+        run_id: str | None = None,
+        sync_timeout: float = 60.0,
+        high_water_mark: int = 256,
+        curve=None,
+    ):
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.codec = codec
+        self.wire_dtype = wire_dtype
+        self.expect = expect
+        self.sync_timeout = sync_timeout
+        self.context = context or zmq.Context.instance()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        self._workers = max(1, workers)
+        self._error: BaseException | None = None
+        self.counts: Counter = Counter()
+        self.bytes_raw = 0
+        self.bytes_wire = 0
+        self.sinks: set[str] = set()
+        self._reliable = self._bind(zmq.XPUB, reliable, high_water_mark, curve) if reliable else None
+        if self._reliable is not None:
+            self._reliable.setsockopt(zmq.XPUB_NODROP, 1)
+            self._reliable.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._lossy = self._bind(zmq.PUB, lossy, high_water_mark, curve) if lossy else None
+        self._thread = threading.Thread(target=self._send_loop, name="gemmalens-publisher", daemon=True)
+
+    def _bind(self, kind, addresses, hwm, curve):
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 5000)
+        if curve is not None:
+            curve.serve(sock)
+        for address in [addresses] if isinstance(addresses, str) else addresses:
+            try:
+                sock.bind(address)
+            except zmq.ZMQError as error:
+                sock.close(0)
+                raise PublisherError(f"cannot bind {address}: {error}; choose another address or port") from None
+        return sock
+
+    @property
+    def endpoints(self) -> dict[str, str | None]:
+        """The addresses actually bound (a ``tcp://*:0`` bind shows its port here)."""
+        def last(sock):
+            return sock.getsockopt_string(zmq.LAST_ENDPOINT) if sock is not None else None
+
+        return {"reliable": last(self._reliable), "lossy": last(self._lossy)}
+
+    # engine side -------------------------------------------------------------
+
+    def start(self, run_info: dict[str, Any]) -> None:
+        """Waits for the expected sinks, then publishes ``run.start`` and starts sending."""
+        self._wait_for_sinks()
+        self._thread.start()
+        self._put(("json", "run.start", "run_start", {**run_info, "run": self.run_id}))
+
+    def publish(self, event) -> None:
+        """Queues one engine event (blocks only while the queue is full)."""
+        if isinstance(event, ActivationEvent):
+            mx.eval(event.array)
+            self._put(("array", event))
+        elif isinstance(event, StepEvent):
+            self._put(("json", "tokens", "tokens", {"batch": event.batch, "step": event.step, "prompts": event.indices,
+                                                    "tokens": event.tokens, "positions": event.positions}))
+        elif isinstance(event, ResultEvent):
+            self._put(("json", "result", "result", event.result.to_dict()))
+        elif isinstance(event, BatchEndEvent):
+            self._put(("json", "batch.end", "batch_end", {"batch": event.batch, "prompts": event.indices}))
+
+    def stats(self, values: dict[str, Any]) -> None:
+        self._put(("json", "stats", "stats", {**values, "queue_depth": self._queue.qsize()}))
+
+    def finish(self, complete: bool, reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publishes ``run.end`` with the totals, flushes and closes. Returns the totals."""
+        totals = {"complete": complete, "reason": reason, **(extra or {})}
+        self._put(("end", totals))
+        self._put(_STOP)
+        self._thread.join()
+        self._pool.shutdown()
+        for sock in (self._reliable, self._lossy):
+            if sock is not None:
+                sock.close()
+        if self._error is not None:
+            raise PublisherError(f"publishing failed: {self._error}") from self._error
+        return totals
+
+    def _put(self, item) -> None:
+        if self._error is not None:
+            raise PublisherError(f"publishing failed: {self._error}") from self._error
+        self._queue.put(item)
+
+    def _wait_for_sinks(self) -> None:
+        if self._reliable is None or self.expect <= 0:
+            return
+        deadline = time.monotonic() + self.sync_timeout
+        while len(self.sinks) < self.expect:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublisherError(
+                    f"waited {self.sync_timeout:.0f} s for {self.expect} sink(s) on {self.endpoints['reliable']}, "
+                    f"{len(self.sinks)} came ({', '.join(sorted(self.sinks)) or 'none'}); start the sinks with "
+                    "--connect to that address, or lower the number expected"
+                )
+            if self._reliable.poll(int(min(remaining, 0.5) * 1000)):
+                self._read_subscription()
+
+    def _read_subscription(self) -> None:
+        event = self._reliable.recv()
+        if event[:1] == b"\x01" and event[1:].startswith(b"hello."):
+            self.sinks.add(event[7:].decode(errors="replace"))
+
+    # sender thread -----------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        pending: deque = deque()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                if item[0] == "array":
+                    pending.append(self._pool.submit(self._encode, item[1]))
+                    while len(pending) > 2 * self._workers:
+                        self._send(pending.popleft().result())
+                    continue
+                while pending:
+                    self._send(pending.popleft().result())
+                self._send(self._json_message(item))
+            while pending:
+                self._send(pending.popleft().result())
+        except BaseException as error:  # reported to the engine thread on its next call
+            self._error = error
+            while not self._queue.empty():
+                self._queue.get_nowait()
+
+    def _json_message(self, item):
+        if item[0] == "end":
+            totals = item[1]
+            totals.update(topics=dict(self.counts), bytes_raw=self.bytes_raw, bytes_wire=self.bytes_wire)
+            return self._frame("run.end", {"kind": "run_end"}, totals)
+        _, topic, kind, body = item
+        return self._frame(topic, {"kind": kind}, body)
+
+    def _frame(self, topic: str, header: dict[str, Any], payload) -> list[bytes]:
+        header = {"v": VERSION, "run": self.run_id, "seq": self.counts[topic], **header}
+        self.counts[topic] += 1
+        return message(topic, header, payload)
+
+    def _encode(self, event: ActivationEvent):
+        array, dtype = to_wire(event.array, self.wire_dtype)
+        payload = encode_array(array, dtype, self.codec)
+        header = {"kind": "activation", "batch": event.batch, "step": event.step, "prompts": event.indices, "positions": event.positions,
+                  "pads": event.pads, "name": event.name, "dtype": dtype, "shape": list(array.shape), "codec": self.codec,
+                  "nbytes": array.nbytes}
+        return activation_topic(event.name).decode(), header, payload, array.nbytes
+
+    def _send(self, frame) -> None:
+        if isinstance(frame, tuple):
+            topic, header, payload, raw = frame
+            parts = self._frame(topic, header, payload)
+            self.bytes_raw += raw
+            self.bytes_wire += len(payload)
+        else:
+            parts = frame
+        if self._reliable is not None:
+            while True:
+                try:
+                    self._reliable.send_multipart(parts, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:  # a reliable sink is behind: wait for it (back-pressure)
+                    if self._reliable.poll(50, zmq.POLLIN):
+                        self._read_subscription()
+        if self._lossy is not None:
+            self._lossy.send_multipart(parts, flags=zmq.NOBLOCK)  # PUB drops for slow subscribers, never blocks

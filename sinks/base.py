@@ -1,0 +1,159 @@
+"""The base class of every subscriber: connect, filter topics, decode, check completeness.
+
+Subclass ``Subscriber`` and override the callbacks you need::
+
+    class Norms(Subscriber):
+        topics = ("act.model.layers.5.resid_out",)
+
+        def on_activation(self, frame):
+            print(frame.header["step"], np.linalg.norm(frame.body, axis=-1))
+
+Callbacks receive decoded ``Frame`` objects (frame.topic, frame.header,
+frame.body). ``run`` returns when ``run.end`` arrives; ``self.complete`` then
+says whether every frame of the subscribed topics arrived (sequence numbers
+without gaps, counts equal to the engine's totals).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from gemmalens.engine.frames import Frame, decode
+
+ALWAYS = ("run.start", "run.end")
+
+
+class SinkError(RuntimeError):
+    """A subscriber could not complete its run (no engine came, timed out)."""
+
+
+class Subscriber:
+    """Receives one run from an engine's reliable (default) or lossy endpoint."""
+
+    topics: tuple[str, ...] = ("",)  # topic prefixes; "" is everything
+
+    def __init__(self, connect: str | list[str], name: str | None = None, topics=None, context=None, curve=None,
+                 bfloat16_as: str = "float32"):
+        self.name = name or f"{type(self).__name__.lower()}-{uuid.uuid4().hex[:6]}"
+        self.topics = tuple(topics) if topics is not None else type(self).topics
+        self.context = context or zmq.Context.instance()
+        self.bfloat16_as = bfloat16_as
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 0 if self.reliable else 1000)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.connect(self.socket)
+        for address in [connect] if isinstance(connect, str) else connect:
+            self.socket.connect(address)
+        prefixes = ALWAYS + ("stats", "batch.end") + self.topics if "" not in self.topics else ("",)
+        for prefix in prefixes:
+            self.socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        self.socket.setsockopt(zmq.SUBSCRIBE, f"hello.{self.name}".encode())  # last: tells the engine we are in
+        self.expected_seq: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+        self.gaps: list[str] = []
+        self.run_info: dict[str, Any] | None = None
+        self.summary: dict[str, Any] | None = None
+
+    reliable = True
+
+    # override these ----------------------------------------------------------
+
+    def on_run_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_tokens(self, frame: Frame) -> None: ...
+
+    def on_activation(self, frame: Frame) -> None: ...
+
+    def on_result(self, result: dict[str, Any]) -> None: ...
+
+    def on_batch_end(self, batch: dict[str, Any]) -> None: ...
+
+    def on_stats(self, stats: dict[str, Any]) -> None: ...
+
+    def on_run_end(self, summary: dict[str, Any]) -> None: ...
+
+    # machinery ---------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        """Every frame of the subscribed topics arrived, none missing, none duplicated."""
+        if self.summary is None or self.gaps:
+            return False
+        totals = self.summary.get("topics", {})
+        return all(self.received.get(t, 0) == n for t, n in totals.items() if self._wants(t))
+
+    def missing(self) -> dict[str, int]:
+        """Frames the engine sent on subscribed topics that did not arrive, by topic."""
+        totals = (self.summary or {}).get("topics", {})
+        return {t: n - self.received.get(t, 0) for t, n in totals.items() if self._wants(t) and self.received.get(t, 0) != n}
+
+    def _wants(self, topic: str) -> bool:
+        return topic in ALWAYS or topic in ("stats", "batch.end") or any(topic.startswith(p) for p in self.topics)
+
+    def run(self, timeout: float | None = None, idle_timeout: float | None = None) -> bool:
+        """Receives until ``run.end``; returns ``self.complete``.
+
+        ``timeout`` bounds the whole wait for the run to start and end,
+        ``idle_timeout`` the silence between messages once it has started.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while self.summary is None:
+                wait = idle_timeout if self.run_info is not None and idle_timeout is not None else None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    wait = left if wait is None else min(wait, left)
+                if wait is not None and wait <= 0 or not self.socket.poll(None if wait is None else int(wait * 1000)):
+                    raise SinkError(
+                        f"{self.name}: no message for {wait:.0f} s"
+                        + (" before the run started" if self.run_info is None else " in the middle of the run")
+                    )
+                self.handle(self.socket.recv_multipart())
+        finally:
+            self.close()
+        return self.complete
+
+    def handle(self, parts: list[bytes]) -> None:
+        """Checks the sequence of one message and dispatches it to its callback."""
+        topic = parts[0].decode()
+        if topic.startswith("hello."):
+            return
+        frame = decode(parts, self.bfloat16_as)
+        seq = frame.header.get("seq")
+        expected = self.expected_seq.get(topic, 0)
+        if seq != expected:
+            self.gaps.append(f"{topic}: expected seq {expected}, got {seq}")
+        self.expected_seq[topic] = seq + 1
+        self.received[topic] = self.received.get(topic, 0) + 1
+        kind = frame.header.get("kind")
+        if kind == "run_start":
+            self.run_info = frame.body
+            self.on_run_start(frame.body)
+        elif kind == "activation":
+            self.on_activation(frame)
+        elif kind == "tokens":
+            self.on_tokens(frame)
+        elif kind == "result":
+            self.on_result(frame.body)
+        elif kind == "batch_end":
+            self.on_batch_end(frame.body)
+        elif kind == "stats":
+            self.on_stats(frame.body)
+        elif kind == "run_end":
+            self.summary = frame.body
+            self.on_run_end(frame.body)
+
+    def close(self) -> None:
+        if not self.socket.closed:
+            self.socket.close(0)
+
+
+class LossySubscriber(Subscriber):
+    """For live views: connects to the lossy endpoint; may miss frames, never slows the engine."""
+
+    reliable = False
