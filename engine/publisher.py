@@ -146,13 +146,17 @@ class Publisher:
         self._put(("end", totals))
         self._put(_STOP)
         self._thread.join()
-        self._pool.shutdown()
-        for sock in (self._reliable, self._lossy):
-            if sock is not None:
-                sock.close()
+        self.close()
         if self._error is not None:
             raise PublisherError(f"publishing failed: {self._error}") from self._error
         return totals
+
+    def close(self) -> None:
+        """Closes the sockets (pending messages get the linger time to leave)."""
+        self._pool.shutdown()
+        for sock in (self._reliable, self._lossy):
+            if sock is not None and not sock.closed:
+                sock.close()
 
     def _put(self, item) -> None:
         if self._error is not None:
@@ -166,6 +170,7 @@ class Publisher:
         while len(self.sinks) < self.expect:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self.close()
                 raise PublisherError(
                     f"waited {self.sync_timeout:.0f} s for {self.expect} sink(s) on {self.endpoints['reliable']}, "
                     f"{len(self.sinks)} came ({', '.join(sorted(self.sinks)) or 'none'}); start the sinks with "

@@ -1,0 +1,118 @@
+"""The bus: every frame reaches a subscriber in another process, gaps are detected, back-pressure works."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import zmq
+from helpers import tiny_generator
+
+from gemmalens.engine.frames import message
+from gemmalens.engine.generation import GenerationConfig
+from gemmalens.engine.prompts import Prompt
+from gemmalens.engine.publisher import Publisher, PublisherError
+from gemmalens.engine.run import publish_run, run_info
+from gemmalens.engine.sampling import SamplingParams
+from gemmalens.engine.selection import select
+from gemmalens.sinks.base import LossySubscriber, Subscriber
+
+SUBSCRIBER = textwrap.dedent('''
+    import json, sys, time
+    from gemmalens.sinks.base import Subscriber
+
+    class Recorder(Subscriber):
+        def __init__(self, *args, delay=0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.delay, self.log = delay, []
+
+        def handle(self, parts):
+            super().handle(parts)
+            self.log.append((parts[0].decode(), json.loads(parts[1])["seq"]))
+
+        def on_activation(self, frame):
+            time.sleep(self.delay)
+
+    sink = Recorder(sys.argv[1], name="recorder", delay=float(sys.argv[3]))
+    complete = sink.run(timeout=120)
+    json.dump({"complete": complete, "log": sink.log, "gaps": sink.gaps, "summary": sink.summary}, open(sys.argv[2], "w"))
+''')
+
+
+def small_run(publisher, max_tokens=4, capture=("model.layers.*.resid_out", "generate.*.sample.token")):
+    model, tokenizer = tiny_generator()
+    prompts = [Prompt(i, text) for i, text in enumerate(["one prompt", "a second prompt", "third"])]
+    config = GenerationConfig(max_tokens=max_tokens, sampling=SamplingParams(0.0, 1.0, None, 1.0), batch_size=2)
+    selection = select(model.config, list(capture))
+    return publish_run(model, tokenizer, prompts, config, selection, publisher,
+                       run_info(model, config, selection, prompts))
+
+
+def start_subscriber(address, out, delay=0.0):
+    return subprocess.Popen([sys.executable, "-c", SUBSCRIBER, address, str(out), str(delay)])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_subscriber_in_another_process_receives_every_frame_in_order(tmp_path, transport):
+    address = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp_path}/bus"
+    publisher = Publisher(reliable=address, expect=1, sync_timeout=60)
+    sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json")
+    results, totals = small_run(publisher)
+    assert sink.wait(60) == 0
+    received = json.loads((tmp_path / "out.json").read_text())
+    assert received["complete"] and not received["gaps"] and totals["complete"]
+    by_topic = {}
+    for topic, seq in received["log"]:
+        by_topic.setdefault(topic, []).append(seq)
+    assert all(seqs == list(range(len(seqs))) for seqs in by_topic.values())
+    assert {t: len(s) for t, s in by_topic.items() if t in totals["topics"]} == totals["topics"]
+    assert totals["topics"]["result"] == len(results) == 3
+    assert totals["topics"]["act.model.layers.0.resid_out"] == 2 * 4  # two batches, four steps
+
+
+def test_a_missing_frame_is_detected_as_a_gap():
+    sink = Subscriber("inproc://nowhere", name="gapcheck")
+    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, {}))
+    sink.handle(message("result", {"kind": "result", "seq": 0}, {"index": 0}))
+    sink.handle(message("result", {"kind": "result", "seq": 2}, {"index": 2}))
+    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"topics": {"run.start": 1, "result": 3}}))
+    assert sink.gaps == ["result: expected seq 1, got 2"]
+    assert not sink.complete and sink.missing() == {"result": 1}
+    sink.close()
+
+
+def test_a_slow_archival_subscriber_still_receives_every_frame(tmp_path):
+    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=1, high_water_mark=2, queue_size=2)
+    sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json", delay=0.05)
+    _, totals = small_run(publisher, max_tokens=6, capture=("model.layers.*.resid_out",))
+    assert sink.wait(120) == 0
+    received = json.loads((tmp_path / "out.json").read_text())
+    assert received["complete"] and totals["topics"]["act.model.layers.3.resid_out"] == 12
+
+
+def test_a_slow_lossy_subscriber_does_not_hold_the_engine_back():
+    context = zmq.Context.instance()
+    publisher = Publisher(lossy="inproc://lossy-test", context=context, high_water_mark=2)
+    seen = []
+
+    class Slow(LossySubscriber):
+        def on_activation(self, frame):
+            seen.append(frame.header["seq"])
+            time.sleep(0.2)
+
+    viewer = Slow("inproc://lossy-test", context=context)
+    thread = threading.Thread(target=lambda: viewer.run(timeout=60), daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    _, totals = small_run(publisher, max_tokens=8, capture=("model.layers.*.resid_out",))
+    sent = sum(n for t, n in totals["topics"].items() if t.startswith("act."))
+    assert sent == 64 and len(seen) < sent / 4  # the engine finished long before the viewer could read it all
+
+
+def test_the_engine_waits_for_expected_sinks_and_says_who_is_missing():
+    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=2, sync_timeout=0.5)
+    with pytest.raises(PublisherError, match=r"for 2 sink\(s\) on tcp://127\.0\.0\.1:\d+, 0 came"):
+        publisher.start({})
