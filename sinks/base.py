@@ -58,6 +58,7 @@ class Subscriber:
         self.gaps: list[str] = []
         self.run_info: dict[str, Any] | None = None
         self.summary: dict[str, Any] | None = None
+        self.aborted: str | None = None
 
     reliable = True
 
@@ -82,7 +83,7 @@ class Subscriber:
     @property
     def complete(self) -> bool:
         """Every frame of the subscribed topics arrived, none missing, none duplicated."""
-        if self.summary is None or self.gaps:
+        if self.summary is None or self.gaps or self.aborted:
             return False
         totals = self.summary.get("topics", {})
         return all(self.received.get(t, 0) == n for t, n in totals.items() if self._wants(t))
@@ -147,6 +148,14 @@ class Subscriber:
         elif kind == "run_end":
             self.summary = frame.body
             self.on_run_end(frame.body)
+
+    def abort(self, reason: str) -> None:
+        """Ends a run that will not send ``run.end`` (engine gone, sink stopped): finishes as incomplete."""
+        self.close()
+        if self.summary is None and self.run_info is not None:
+            self.aborted = reason
+            self.summary = {"complete": False, "reason": reason, "topics": {}}
+            self.on_run_end(self.summary)
 
     def close(self) -> None:
         if not self.socket.closed:

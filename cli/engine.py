@@ -1,0 +1,74 @@
+"""``gemmalens engine``: load the model, generate, publish every event on the bus."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from gemmalens.engine.generation import GenerationConfig
+from gemmalens.engine.loading import load
+from gemmalens.engine.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
+from gemmalens.engine.publisher import Publisher
+from gemmalens.engine.run import publish_run, run_info
+from gemmalens.engine.sampling import SamplingParams
+from gemmalens.engine.selection import NO_SELECTION, select
+
+from .options import generation_options, reports_errors
+
+EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def prompt_set(prompts_file, category=None, skip_file=None):
+    """The prompts to generate: a file (or the built-in set), one category, minus finished ones."""
+    prompts = load_prompts(prompts_file) if prompts_file else parse_prompts(DEFAULT_PROMPTS, "built-in prompts")
+    if category is not None:
+        prompts = [p for p in prompts if (p.category or "uncategorized") == category]
+    if skip_file:
+        done = set(json.loads(Path(skip_file).read_text()))
+        prompts = [p for p in prompts if p.index not in done]
+    return prompts
+
+
+@click.command()
+@generation_options
+@click.option("--prompts-file", type=click.Path(dir_okay=False), default=None, help="Structured prompts JSON.")
+@click.option("--category", default=None, help="Generate only this category of the prompts file.")
+@click.option("--skip-file", type=click.Path(dir_okay=False), default=None,
+              help="JSON list of prompt ids already finished (set by --resume).")
+@click.option("--bind", "bind", multiple=True, default=["tcp://127.0.0.1:5555"], show_default=True,
+              help="Reliable endpoint(s) for archival sinks (repeatable).")
+@click.option("--lossy-bind", multiple=True, help="Lossy endpoint(s) for live views.")
+@click.option("--expect", type=click.IntRange(min=0), default=0, help="Wait for this many sinks before publishing.")
+@click.option("--sync-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for them.")
+@click.option("--codec", type=click.Choice(["lz4+shuffle", "lz4", "raw"]), default="lz4+shuffle", show_default=True)
+@click.option("--run-id", default=None, help="Run id stamped on every frame.")
+@click.option("--save-activations", is_flag=True, help="Capture every point unless --capture narrows it.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+@reports_errors
+def engine(**o):
+    """Run the generation engine and publish tokens, activations and results."""
+    stop = {}
+    for sig in EXIT_ON_SIGNAL:
+        signal.signal(sig, lambda number, frame: stop.setdefault("signal", number))
+    prompts = prompt_set(o["prompts_file"], o["category"], o["skip_file"])
+    model, tokenizer = load(o["model"], dtype=o["dtype"])
+    config = GenerationConfig(
+        max_tokens=o["max_tokens"],
+        sampling=SamplingParams(o["temperature"], o["top_p"], o["top_k"], o["repetition_penalty"]),
+        seed=o["seed"], batch_size=o["batch_size"], chat=o["chat_mode"], stop=tuple(o["stop"]),
+    )
+    patterns = list(o["capture"]) or (["*"] if o["save_activations"] else [])
+    selection = select(model.config, patterns, list(o["exclude"]), o["layers"], o["positions"]) if patterns else NO_SELECTION
+    publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],
+                          codec=o["codec"], wire_dtype=o["wire_dtype"], run_id=o["run_id"],
+                          sync_timeout=o["sync_timeout"])
+    _, totals = publish_run(model, tokenizer, prompts, config, selection, publisher,
+                            run_info(model, config, selection, prompts), should_stop=lambda: "signal" in stop)
+    if "signal" in stop:
+        sys.exit(EXIT_ON_SIGNAL[stop["signal"]])
+    if not totals["complete"]:
+        sys.exit(1)

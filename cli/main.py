@@ -1,0 +1,297 @@
+"""The ``gemmalens`` command: ``run`` wires an engine and its sinks as processes; the parts run alone too."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from gemmalens import __version__
+from gemmalens.engine.prompts import PromptFileError, by_category, load_prompts, parse_prompts, sample_prompts
+from gemmalens.sinks.npz import INDEX
+from gemmalens.sinks.results import METADATA, RESULTS, RESULTS_LINES, SUMMARY, read_result_lines
+
+from .engine import engine
+from .options import generation_options, reports_errors
+from .sinks import attach, sink
+
+# Flags of `run` forwarded as they are to `gemmalens engine`.
+ENGINE_FLAGS = ["model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                "batch_size", "chat_mode", "stop", "capture", "exclude", "layers", "positions", "wire_dtype",
+                "save_activations", "prompts_file", "verbose"]
+# Settings a resumed run must share with the run it continues.
+RESUME_KEYS = ["model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+               "chat_mode", "stop", "capture", "exclude", "layers", "positions", "prompts_file", "save_activations"]
+RUN_CONFIG = "run_config.json"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gemmalens")
+def cli():
+    """Run Gemma 3 with MLX and stream every named intermediate value to sinks."""
+
+
+def safe_folder_name(category: str) -> str:
+    """A folder name for a category that cannot leave the output folder ('../../etc' -> 'etc')."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", category).strip("._")
+    return name or "category"
+
+
+def engine_arguments(o: dict) -> list[str]:
+    args = []
+    for key in ENGINE_FLAGS:
+        value, flag = o.get(key), "--" + key.replace("_", "-")
+        if value is None or value is False or value == ():
+            continue
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".gemmalens-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"output folder {folder} is not writable ({error.strerror}); choose another --output-dir") from None
+
+
+def _clear_previous(out: Path, acts: Path | None) -> bool:
+    """Removes the outputs of an earlier run in these folders (a fresh run replaces them)."""
+    files = [out / n for n in (RESULTS, RESULTS_LINES, METADATA, SUMMARY, RUN_CONFIG)]
+    if acts is not None:
+        files += [acts / INDEX, *acts.glob("activations_step_*.npz")]
+    existing = [f for f in files if f.exists()]
+    for file in existing:
+        file.unlink()
+    return bool(existing)
+
+
+def _resume_state(out: Path, acts: Path | None, settings: dict) -> tuple[dict, list[int]]:
+    """Settings of the run being resumed (checked against this one) and the prompts it finished."""
+    stored_path = out / RUN_CONFIG
+    if not stored_path.exists():
+        raise click.UsageError(f"--resume: {out} holds no earlier run ({RUN_CONFIG} missing); run without --resume")
+    stored = json.loads(stored_path.read_text())
+    if settings.get("seed") is None:
+        settings["seed"] = stored.get("seed")
+    differing = [k for k in RESUME_KEYS if _normal(stored.get(k)) != _normal(settings.get(k))]
+    if differing:
+        raise click.UsageError(
+            "--resume: these settings differ from the run being resumed: "
+            + ", ".join(f"{k} (was {stored.get(k)!r}, now {settings.get(k)!r})" for k in differing)
+        )
+    done = set(read_result_lines(out / RESULTS_LINES))
+    if acts is not None and settings.get("save_activations"):
+        index_path = acts / INDEX
+        archived = set()
+        if index_path.exists():
+            archived = {p for b in json.loads(index_path.read_text())["batches"].values() for p in b["prompts"]}
+        done &= archived
+    return settings, sorted(done)
+
+
+def _normal(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", *args])
+
+
+def _supervise(engine_proc, sinks: list[subprocess.Popen]) -> tuple[int, int | None]:
+    """Waits for the engine and sinks, forwarding Ctrl-C/SIGTERM to the engine (which ends the run after
+    the current step). Returns the engine's exit code and the signal received, if any."""
+    received = {}
+
+    def forward(number, frame):
+        received.setdefault("signal", number)
+        if engine_proc.poll() is None:
+            engine_proc.send_signal(number)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while engine_proc.poll() is None:
+            if any(s.poll() not in (None, 0) for s in sinks):  # a sink died: stop the run cleanly
+                engine_proc.send_signal(signal.SIGTERM)
+                engine_proc.wait()
+                break
+            time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        for proc in sinks:
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:  # the engine died before run.end: finish the sink as incomplete
+                proc.terminate()
+                proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return engine_proc.returncode, received.get("signal")
+
+
+def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int:
+    _writable(out)
+    if acts is not None:
+        _writable(acts)
+    settings = {k: o.get(k) for k in ENGINE_FLAGS}
+    skip: list[int] = []
+    if o["resume"]:
+        settings, skip = _resume_state(out, acts, settings)
+    else:
+        if _clear_previous(out, acts):
+            click.echo(f"note: replacing the outputs of an earlier run in {out} (use --resume to continue it)", err=True)
+        if settings["seed"] is None:
+            settings["seed"] = secrets.randbits(31)
+    (out / RUN_CONFIG).write_text(json.dumps({**settings, "category": category}, indent=2))
+    tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
+    try:
+        reliable = o["bind"] or f"ipc://{tmp}/reliable"
+        lossy = o["lossy_bind"] or f"ipc://{tmp}/lossy"
+        sinks = [_spawn(["sink", "results", "--connect", reliable, "--output-dir", str(out)]
+                        + (["--echo"] if o["verbose"] else []))]
+        if acts is not None:
+            sinks.append(_spawn(["sink", "npz", "--connect", reliable, "--activations-dir", str(acts)]
+                                + (["--no-compress-activations"] if o["no_compress_activations"] else [])))
+        for spec in o["attach"]:
+            sinks.append(_spawn(["attach", spec, "--connect", reliable]))
+        viewers = [_spawn(["sink", "stats", "--connect", lossy])] if sys.stderr.isatty() else []
+        skip_file = tmp / "skip.json"
+        skip_file.write_text(json.dumps(skip))
+        args = ["engine", *engine_arguments(settings), "--bind", reliable, "--lossy-bind", lossy,
+                "--expect", str(len(sinks) + o["expect_remote"]), "--skip-file", str(skip_file)]
+        if category is not None:
+            args += ["--category", category]
+        code, received = _supervise(_spawn(args), sinks + viewers)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _report(out, acts, code, received)
+
+
+def _report(out: Path, acts: Path | None, code: int, received) -> int:
+    summary_path = out / SUMMARY
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        state = "complete" if summary["complete"] else f"INCOMPLETE ({summary.get('reason') or 'see summary.json'})"
+        click.echo(f"{summary['prompts_done']}/{summary['prompts_total']} prompts, {state}; results in {out}"
+                   + (f", activations in {acts}" if acts is not None else ""), err=True)
+        if not summary["complete"] and received is None and code == 0:
+            code = 1
+    else:
+        click.echo(f"no summary was written in {out}: the engine failed before the run started (exit {code})", err=True)
+    if received is not None:
+        return 128 + int(received)
+    return code if code else 0
+
+
+@cli.command()
+@generation_options
+@click.option("--verbose", is_flag=True, help="Print each result, and tracebacks on errors.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default="./gemma3_results", show_default=True,
+              help="Directory for results.")
+@click.option("--save-activations", is_flag=True, help="Enable activation capture.")
+@click.option("--activations-dir", type=click.Path(file_okay=False), default=None,
+              help="Activation storage directory (default: OUTPUT_DIR/activations).")
+@click.option("--no-compress-activations", is_flag=True, help="Save uncompressed activation files.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False), default=None, help="Structured prompts JSON file.")
+@click.option("--create-sample-prompts", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write a sample prompts file and exit.")
+@click.option("--process-by-group", is_flag=True, help="Run each category into its own subfolder.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run in the same output folder.")
+@click.option("--bind", default=None, help="Engine endpoint for sinks (default: a private ipc:// address).")
+@click.option("--lossy-bind", default=None, help="Engine endpoint for live views.")
+@click.option("--attach", multiple=True, metavar="MODULE:CLASS", help="Also run this custom subscriber.")
+@click.option("--expect-remote", type=click.IntRange(min=0), default=0,
+              help="Also wait for this many sinks started elsewhere (connect them to --bind).")
+@reports_errors
+def run(**o):
+    """Generate for a prompt set with the engine and sinks as separate processes."""
+    if o["create_sample_prompts"]:
+        path = Path(o["create_sample_prompts"])
+        if path.exists():
+            raise click.UsageError(f"{path} exists; remove it or choose another file name")
+        path.write_text(json.dumps(sample_prompts(), indent=2) + "\n")
+        click.echo(f"wrote sample prompts to {path}; edit it and pass it with --prompts-file", err=True)
+        return
+    if o["capture"] and not o["save_activations"]:
+        o["save_activations"] = True
+    prompts = load_prompts(o["prompts_file"]) if o["prompts_file"] else None
+    if o["prompts_file"]:
+        o["prompts_file"] = str(Path(o["prompts_file"]).resolve())
+    out = Path(o["output_dir"])
+    acts = Path(o["activations_dir"]) if o["activations_dir"] else out / "activations"
+    acts = acts if o["save_activations"] else None
+    if not o["process_by_group"]:
+        sys.exit(_one_run(o, out, acts, None))
+    groups = by_category(prompts if prompts is not None else parse_prompts(sample_prompts()))
+    worst = 0
+    for category in groups:
+        folder = safe_folder_name(category)
+        code = _one_run(o, out / folder, acts / folder if acts is not None else None, category)
+        if code >= 128:
+            sys.exit(code)
+        worst = max(worst, code)
+    sys.exit(worst)
+
+
+@cli.command()
+@click.argument("pattern", required=False)
+@click.option("--model", default=None, help="Model whose points to list (default: the embedded 270M).")
+@click.option("--verbose", is_flag=True)
+@reports_errors
+def names(pattern, model, verbose):
+    """List capture points with their shapes and meaning (optionally those matching PATTERN)."""
+    import fnmatch
+
+    from gemmalens.engine.config import config_from_hf
+    from gemmalens.engine.loading import resolve
+    from gemmalens.engine.selection import catalogue
+
+    folder = resolve(model)
+    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    sizes = {"E": config.hidden_size, "F": config.intermediate_size, "H": config.num_attention_heads,
+             "G": config.num_key_value_heads, "D": config.head_dim, "V": config.vocab_size}
+    rows = [(n, s, m) for n, s, m in catalogue(config) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+    if not rows:
+        raise click.UsageError(f"no capture point matches {pattern!r}")
+    for name, shape, meaning in rows:
+        dims = ",".join(_size(d, sizes) for d in shape.split(","))
+        click.echo(f"{name:<58} [{dims}]  {meaning}")
+
+
+def _size(dim: str, sizes: dict[str, int]) -> str:
+    if "*" in dim:
+        a, b = dim.split("*")
+        return str(sizes[a] * sizes[b])
+    return str(sizes.get(dim, dim))
+
+
+cli.add_command(engine)
+cli.add_command(sink)
+cli.add_command(attach)
+
+
+def seed_main() -> None:
+    """``python run_gemma_refactored.py [flags]``: the seed's entry point, which is ``gemmalens run``."""
+    cli.main(["run", *sys.argv[1:]], prog_name="run_gemma_refactored.py")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,109 @@
+"""``gemmalens sink ...`` and ``gemmalens attach``: subscribers as their own processes."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+
+import click
+
+from gemmalens.sinks.base import Subscriber
+from gemmalens.sinks.npz import NpzArchiver
+from gemmalens.sinks.results import ResultsWriter
+from gemmalens.sinks.stats import LiveStats
+
+from .options import reports_errors
+
+
+class _Terminated(Exception):
+    pass
+
+
+def serve(sink: Subscriber, idle_timeout: float | None) -> None:
+    """Runs a sink to the end of the run. Ctrl-C is left to the engine (which ends the run after
+    the current step); SIGTERM finishes the sink at once, its outputs marked incomplete."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def terminate(number, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        complete = sink.run(idle_timeout=idle_timeout)
+    except _Terminated:
+        sink.abort("sink terminated")
+        sys.exit(143)
+    except Exception as error:
+        sink.abort(f"sink failed: {error}")
+        raise
+    if not complete:
+        click.echo(f"{sink.name}: incomplete run: gaps {sink.gaps or 'none'}, missing {sink.missing() or 'none'}, "
+                   f"engine says {sink.summary.get('reason') or 'complete'}", err=True)
+        sys.exit(1)
+
+
+def common(command):
+    command = click.option("--connect", multiple=True, required=True, help="Engine endpoint(s) to subscribe to.")(command)
+    command = click.option("--name", default=None, help="Name announced to the engine.")(command)
+    command = click.option("--idle-timeout", type=float, default=None,
+                           help="Give up after this many silent seconds in a run.")(command)
+    command = click.option("--verbose", is_flag=True, help="Show tracebacks.")(command)
+    return command
+
+
+@click.group()
+def sink():
+    """Run one sink as its own process."""
+
+
+@sink.command("npz")
+@common
+@click.option("--activations-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--no-compress-activations", is_flag=True)
+@reports_errors
+def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations):
+    """Archive activation frames as activations_step_*.npz files."""
+    serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz"),
+          idle_timeout)
+
+
+@sink.command("results")
+@common
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--echo", is_flag=True, help="Print each result as it arrives.")
+@reports_errors
+def results_sink(connect, name, idle_timeout, verbose, output_dir, echo):
+    """Write results.json, results.jsonl, prompt_metadata.json and summary.json."""
+    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results"), idle_timeout)
+
+
+@sink.command("stats")
+@common
+@reports_errors
+def stats_sink(connect, name, idle_timeout, verbose):
+    """Show live progress (connect it to the engine's lossy endpoint)."""
+    serve(LiveStats(list(connect), name=name or "stats"), idle_timeout)
+
+
+def load_subscriber(spec: str) -> type[Subscriber]:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise click.BadParameter(f"{spec!r}: expected module:Class", param_hint="SUBSCRIBER")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise click.BadParameter(f"{spec!r}: {error}", param_hint="SUBSCRIBER") from None
+    if not (isinstance(cls, type) and issubclass(cls, Subscriber)):
+        raise click.BadParameter(f"{spec!r} is not a gemmalens.sinks.base.Subscriber subclass", param_hint="SUBSCRIBER")
+    return cls
+
+
+@click.command()
+@click.argument("subscriber")
+@common
+@reports_errors
+def attach(subscriber, connect, name, idle_timeout, verbose):
+    """Run a custom subscriber (module:Class, a Subscriber subclass) against an engine."""
+    cls = load_subscriber(subscriber)
+    serve(cls(list(connect), name=name or cls.__name__.lower()), idle_timeout)
