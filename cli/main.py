@@ -147,6 +147,19 @@ def _supervise(engine_proc, sinks: list[subprocess.Popen]) -> tuple[int, int | N
     return engine_proc.returncode, received.get("signal")
 
 
+def _check_model_and_capture(o: dict) -> None:
+    """Fails before anything is launched or replaced: the model must resolve and the patterns match."""
+    from gemmalens.engine.config import config_from_hf
+    from gemmalens.engine.loading import resolve
+    from gemmalens.engine.selection import select
+
+    folder = resolve(o["model"])
+    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    if o["model"] is not None and Path(o["model"]).expanduser().exists():
+        o["model"] = str(Path(o["model"]).expanduser().resolve())
+    select(config, list(o["capture"]), list(o["exclude"]), o["layers"], o["positions"])
+
+
 def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int:
     _writable(out)
     if acts is not None:
@@ -235,6 +248,7 @@ def run(**o):
     prompts = load_prompts(o["prompts_file"]) if o["prompts_file"] else None
     if o["prompts_file"]:
         o["prompts_file"] = str(Path(o["prompts_file"]).resolve())
+    _check_model_and_capture(o)
     out = Path(o["output_dir"])
     acts = Path(o["activations_dir"]) if o["activations_dir"] else out / "activations"
     acts = acts if o["save_activations"] else None

@@ -8,11 +8,11 @@ import traceback
 
 import click
 
-from gemmalens.engine.errors import GemmalensError
+from gemmalens.engine.errors import ConfigError, GemmalensError, SelectionError
 from gemmalens.engine.prompts import PromptFileError
 from gemmalens.engine.selection import POSITIONS
 
-USAGE_ERRORS = (PromptFileError, ValueError)
+USAGE_ERRORS = (PromptFileError, ConfigError, SelectionError)
 
 
 def generation_options(command):
@@ -60,7 +60,7 @@ def reports_errors(command):
         except (GemmalensError, OSError, ValueError) as error:
             if verbose:
                 traceback.print_exc()
-            usage = isinstance(error, USAGE_ERRORS) and not isinstance(error, OSError)
+            usage = isinstance(error, USAGE_ERRORS)
             click.echo(f"error: {error}", err=True)
             if not verbose:
                 click.echo("(run with --verbose for the traceback)", err=True)

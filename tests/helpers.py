@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,27 @@ def tiny_generator(seed: int = 0):
 
     config = tiny_config(vocab_size=262144)
     return mlx_model(config, random_weights(config, seed)), load_tokenizer(embedded_folder())
+
+
+# Running the command line as a user would: a fresh process per command.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600):
+    """``gemmalens ARGS`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "gemmalens.cli.main", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def seed(*args, cwd=None, env=None, timeout=600):
+    """The seed's literal command: python run_gemma_refactored.py [flags]."""
+    return subprocess.run([sys.executable, str(ROOT / "run_gemma_refactored.py"), *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def without_timings(results):
+    return [{k: v for k, v in r.items() if k != "timings"} for r in results]

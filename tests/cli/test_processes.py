@@ -1,0 +1,111 @@
+"""The engine and sinks as separate processes: wiring, custom subscribers, interruption and resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import load_json, random_weights, run_cli, tiny_config, without_timings, write_hf_folder
+
+SUBSCRIBER = '''
+import json
+from gemmalens.sinks.base import Subscriber
+
+class Counter(Subscriber):
+    topics = ("result", "act.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.results, self.frames = 0, 0
+
+    def on_result(self, result):
+        self.results += 1
+
+    def on_activation(self, frame):
+        self.frames += 1
+
+    def on_run_end(self, summary):
+        json.dump({"results": self.results, "frames": self.frames, "complete": self.complete}, open("counted.json", "w"))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    config = tiny_config(vocab_size=262144)
+    return write_hf_folder(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_engine_and_sink_run_as_their_own_processes(tmp_path, tiny_folder):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    sink = subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", "sink", "results", "--connect", address,
+                             "--output-dir", tmp_path / "out"])
+    engine = run_cli("engine", "--model", tiny_folder, "--bind", address, "--expect", 1, "--max-tokens", 3,
+                     "--temperature", 0)
+    assert engine.returncode == 0, engine.stderr
+    assert sink.wait(60) == 0
+    summary = load_json(tmp_path / "out" / "summary.json")
+    assert summary["complete"] and summary["prompts_done"] == 8
+
+
+def test_custom_subscriber_attached_from_the_command_line_receives_the_run(tmp_path, tiny_folder):
+    (tmp_path / "counter_mod.py").write_text(SUBSCRIBER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = run_cli("run", "--model", tiny_folder, "--max-tokens", 2, "--attach", "counter_mod:Counter",
+                  "--capture", "model.layers.0.resid_out", "--output-dir", tmp_path / "out", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert load_json(tmp_path / "counted.json") == {"results": 8, "frames": 2 * 2, "complete": True}
+
+
+def test_attach_rejects_what_is_not_a_subscriber(tmp_path):
+    out = run_cli("attach", "json:dumps", "--connect", "tcp://127.0.0.1:1")
+    assert out.returncode == 2 and "not a gemmalens.sinks.base.Subscriber subclass" in out.stderr
+
+
+RUN = ["--max-tokens", 24, "--batch-size", 2, "--seed", 7, "--temperature", 0.8, "--save-activations",
+       "--capture", "model.layers.17.resid_out"]
+
+
+@pytest.mark.real
+def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = run_cli("run", *RUN, "--output-dir", tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", "run", *map(str, RUN), "--output-dir", out],
+                            stderr=subprocess.PIPE, text=True)
+    lines = out / "results.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not lines.exists() or len(lines.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 143, proc.stderr.read()
+    stopped = load_json(out / "summary.json")
+    assert not stopped["complete"] and 3 <= stopped["prompts_done"] < 8
+    kept = load_json(out / "results.json")
+    assert len(kept) == stopped["prompts_done"]
+
+    resumed = run_cli("run", *RUN, "--output-dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_json(out / "summary.json")["complete"]
+    assert without_timings(load_json(out / "results.json")) == without_timings(load_json(tmp_path / "ref" / "results.json"))
+    ids = [json.loads(line)["id"] for line in lines.read_text().splitlines()]
+    assert sorted(ids) == list(range(8))
+    index, reference_index = (load_json(d / "activations" / "activations_index.json") for d in (out, tmp_path / "ref"))
+    assert sorted(p for b in index["batches"].values() for p in b["prompts"]) == list(range(8))
+    assert index["tokens"] == reference_index["tokens"]
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny_folder):
+    assert run_cli("run", "--model", tiny_folder, "--max-tokens", 2, "--output-dir", tmp_path / "o").returncode == 0
+    out = run_cli("run", "--model", tiny_folder, "--max-tokens", 3, "--output-dir", tmp_path / "o", "--resume")
+    assert out.returncode == 2 and "max_tokens (was 2, now 3)" in out.stderr
