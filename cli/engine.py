@@ -15,6 +15,7 @@ from gemmalens.engine.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompt
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import publish_run, run_info
 from gemmalens.engine.sampling import SamplingParams
+from gemmalens.engine.security import CurveServer, check_exposure
 from gemmalens.engine.selection import NO_SELECTION, select
 
 from .options import generation_options, reports_errors
@@ -22,15 +23,33 @@ from .options import generation_options, reports_errors
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def prompt_set(prompts_file, category=None, skip_file=None):
-    """The prompts to generate: a file (or the built-in set), one category, minus finished ones."""
+def prompt_set(prompts_file, category=None):
+    """The run's prompts: a file (or the built-in set), or one category of it."""
     prompts = load_prompts(prompts_file) if prompts_file else parse_prompts(DEFAULT_PROMPTS, "built-in prompts")
     if category is not None:
         prompts = [p for p in prompts if (p.category or "uncategorized") == category]
+    return prompts
+
+
+def my_share(prompts, shard: tuple[int, int], skip_file=None):
+    """The prompts this engine generates: its contiguous share of the run, minus finished ones."""
+    index, count = shard
+    size = -(-len(prompts) // count)
+    share = prompts[index * size : (index + 1) * size]
     if skip_file:
         done = set(json.loads(Path(skip_file).read_text()))
-        prompts = [p for p in prompts if p.index not in done]
-    return prompts
+        share = [p for p in share if p.index not in done]
+    return share
+
+
+def parse_shard(ctx, param, value):
+    try:
+        index, count = (int(x) for x in value.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
+    return index, count
 
 
 @click.command()
@@ -47,6 +66,14 @@ def prompt_set(prompts_file, category=None, skip_file=None):
 @click.option("--codec", type=click.Choice(["lz4+shuffle", "lz4", "raw"]), default="lz4+shuffle", show_default=True)
 @click.option("--run-id", default=None, help="Run id stamped on every frame.")
 @click.option("--save-activations", is_flag=True, help="Capture every point unless --capture narrows it.")
+@click.option("--shard", default="0/1", callback=parse_shard, show_default=True,
+              help="I/N: this engine generates the I-th of N contiguous shares of the prompts.")
+@click.option("--expect-sink", multiple=True, metavar="NAME", help="Also wait for the sink of this name.")
+@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="This engine's NAME.key_secret: encrypt and authenticate (CURVE).")
+@click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of the sinks' public NAME.key files to accept.")
+@click.option("--insecure", is_flag=True, help="Allow binding beyond loopback without CURVE.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 @reports_errors
 def engine(**o):
@@ -54,7 +81,14 @@ def engine(**o):
     stop = {}
     for sig in EXIT_ON_SIGNAL:
         signal.signal(sig, lambda number, frame: stop.setdefault("signal", number))
-    prompts = prompt_set(o["prompts_file"], o["category"], o["skip_file"])
+    curve = None
+    if o["curve_secret"] or o["curve_allow"]:
+        if not (o["curve_secret"] and o["curve_allow"]):
+            raise click.UsageError("--curve-secret and --curve-allow go together")
+        curve = CurveServer(o["curve_secret"], o["curve_allow"])
+    check_exposure(list(o["bind"]) + list(o["lossy_bind"]), curve, o["insecure"])
+    prompts = prompt_set(o["prompts_file"], o["category"])
+    share = my_share(prompts, o["shard"], o["skip_file"])
     model, tokenizer = load(o["model"], dtype=o["dtype"])
     config = GenerationConfig(
         max_tokens=o["max_tokens"],
@@ -65,9 +99,11 @@ def engine(**o):
     selection = select(model.config, patterns, list(o["exclude"]), o["layers"], o["positions"]) if patterns else NO_SELECTION
     publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],
                           codec=o["codec"], wire_dtype=o["wire_dtype"], run_id=o["run_id"],
-                          sync_timeout=o["sync_timeout"])
-    _, totals = publish_run(model, tokenizer, prompts, config, selection, publisher,
-                            run_info(model, config, selection, prompts), should_stop=lambda: "signal" in stop)
+                          sync_timeout=o["sync_timeout"], curve=curve, engine_id=f"{o['shard'][0]}",
+                          expect_names=tuple(o["expect_sink"]))
+    info = run_info(model, config, selection, prompts, {"engines": o["shard"][1]})
+    _, totals = publish_run(model, tokenizer, share, config, selection, publisher, info,
+                            should_stop=lambda: "signal" in stop)
     if "signal" in stop:
         sys.exit(EXIT_ON_SIGNAL[stop["signal"]])
     if not totals["complete"]:

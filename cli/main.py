@@ -23,7 +23,7 @@ from gemmalens.sinks.results import METADATA, RESULTS, RESULTS_LINES, SUMMARY, r
 
 from .engine import engine
 from .options import generation_options, reports_errors
-from .sinks import attach, sink
+from .sinks import attach, keys, sink
 
 # Flags of `run` forwarded as they are to `gemmalens engine`.
 ENGINE_FLAGS = ["model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
@@ -116,22 +116,42 @@ def _spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", *args])
 
 
-def _supervise(engine_proc, sinks: list[subprocess.Popen]) -> tuple[int, int | None]:
-    """Waits for the engine and sinks, forwarding Ctrl-C/SIGTERM to the engine (which ends the run after
-    the current step). Returns the engine's exit code and the signal received, if any."""
+def _local_keys(o: dict, tmp: Path) -> tuple[list[str], list[str]]:
+    """Engine and local-sink CURVE arguments: the local sinks get a key of their own for this run."""
+    if not (o["curve_secret"] or o["curve_allow"]):
+        return (["--insecure"] if o["insecure"] else []), []
+    if not (o["curve_secret"] and o["curve_allow"]):
+        raise click.UsageError("--curve-secret and --curve-allow go together")
+    from gemmalens.engine.security import create_keys
+
+    allowed = tmp / "allowed"
+    shutil.copytree(o["curve_allow"], allowed)
+    public, secret = create_keys(tmp / "local", "local-sinks")
+    shutil.copy(public, allowed / public.name)
+    engine = ["--curve-secret", str(Path(o["curve_secret"]).resolve()), "--curve-allow", str(allowed)]
+    return engine, ["--curve-secret", str(secret), "--curve-server", str(Path(o["curve_secret"]).resolve())]
+
+
+def _supervise(engines: list[subprocess.Popen], sinks: list[subprocess.Popen]) -> tuple[int, int | None]:
+    """Waits for the engines and sinks, forwarding Ctrl-C/SIGTERM to the engines (which end the run after
+    the current step). Returns the worst engine exit code and the signal received, if any."""
     received = {}
 
     def forward(number, frame):
         received.setdefault("signal", number)
-        if engine_proc.poll() is None:
-            engine_proc.send_signal(number)
+        for proc in engines:
+            if proc.poll() is None:
+                proc.send_signal(number)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while engine_proc.poll() is None:
+        while any(proc.poll() is None for proc in engines):
             if any(s.poll() not in (None, 0) for s in sinks):  # a sink died: stop the run cleanly
-                engine_proc.send_signal(signal.SIGTERM)
-                engine_proc.wait()
+                for proc in engines:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                for proc in engines:
+                    proc.wait()
                 break
             time.sleep(0.1)
         deadline = time.monotonic() + 60
@@ -144,7 +164,7 @@ def _supervise(engine_proc, sinks: list[subprocess.Popen]) -> tuple[int, int | N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return engine_proc.returncode, received.get("signal")
+    return max((abs(proc.returncode) for proc in engines), default=0), received.get("signal")
 
 
 def _check_model_and_capture(o: dict) -> None:
@@ -158,6 +178,10 @@ def _check_model_and_capture(o: dict) -> None:
     if o["model"] is not None and Path(o["model"]).expanduser().exists():
         o["model"] = str(Path(o["model"]).expanduser().resolve())
     select(config, list(o["capture"]), list(o["exclude"]), o["layers"], o["positions"])
+    from gemmalens.engine.security import check_exposure
+
+    curve = o["curve_secret"] if o["curve_secret"] and o["curve_allow"] else None
+    check_exposure([a for a in (o["bind"], o["lossy_bind"]) if a], curve, o["insecure"])
 
 
 def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int:
@@ -174,25 +198,34 @@ def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int
         if settings["seed"] is None:
             settings["seed"] = secrets.randbits(31)
     (out / RUN_CONFIG).write_text(json.dumps({**settings, "category": category}, indent=2))
+    run_id = secrets.token_hex(6)
     tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
     try:
-        reliable = o["bind"] or f"ipc://{tmp}/reliable"
-        lossy = o["lossy_bind"] or f"ipc://{tmp}/lossy"
-        sinks = [_spawn(["sink", "results", "--connect", reliable, "--output-dir", str(out)]
-                        + (["--echo"] if o["verbose"] else []))]
+        count = o["engines"]
+        reliable = [o["bind"] if o["bind"] and count == 1 else f"ipc://{tmp}/reliable{i}" for i in range(count)]
+        lossy = [o["lossy_bind"] if o["lossy_bind"] and count == 1 else f"ipc://{tmp}/lossy{i}" for i in range(count)]
+        security, client = _local_keys(o, tmp)
+        connect = [arg for address in reliable for arg in ("--connect", address)] + client
+        sinks = [_spawn(["sink", "results", *connect, "--output-dir", str(out)] + (["--echo"] if o["verbose"] else []))]
         if acts is not None:
-            sinks.append(_spawn(["sink", "npz", "--connect", reliable, "--activations-dir", str(acts)]
+            sinks.append(_spawn(["sink", "npz", *connect, "--activations-dir", str(acts)]
                                 + (["--no-compress-activations"] if o["no_compress_activations"] else [])))
         for spec in o["attach"]:
-            sinks.append(_spawn(["attach", spec, "--connect", reliable]))
-        viewers = [_spawn(["sink", "stats", "--connect", lossy])] if sys.stderr.isatty() else []
+            sinks.append(_spawn(["attach", spec, *connect]))
+        viewers = ([_spawn(["sink", "stats", *[a for x in lossy for a in ("--connect", x)], *client])]
+                   if sys.stderr.isatty() else [])
         skip_file = tmp / "skip.json"
         skip_file.write_text(json.dumps(skip))
-        args = ["engine", *engine_arguments(settings), "--bind", reliable, "--lossy-bind", lossy,
-                "--expect", str(len(sinks) + o["expect_remote"]), "--skip-file", str(skip_file)]
-        if category is not None:
-            args += ["--category", category]
-        code, received = _supervise(_spawn(args), sinks + viewers)
+        engines = []
+        for i in range(count):
+            args = ["engine", *engine_arguments(settings), "--bind", reliable[i], "--lossy-bind", lossy[i],
+                    "--expect", str(len(sinks) + o["expect_remote"]), "--skip-file", str(skip_file),
+                    "--shard", f"{i}/{count}", "--run-id", run_id, *security,
+                    *[a for name in o["expect_sink"] for a in ("--expect-sink", name)]]
+            if category is not None:
+                args += ["--category", category]
+            engines.append(_spawn(args))
+        code, received = _supervise(engines, sinks + viewers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _report(out, acts, code, received)
@@ -233,6 +266,14 @@ def _report(out: Path, acts: Path | None, code: int, received) -> int:
 @click.option("--attach", multiple=True, metavar="MODULE:CLASS", help="Also run this custom subscriber.")
 @click.option("--expect-remote", type=click.IntRange(min=0), default=0,
               help="Also wait for this many sinks started elsewhere (connect them to --bind).")
+@click.option("--expect-sink", multiple=True, metavar="NAME", help="Also wait for the remote sink of this name.")
+@click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Engine processes sharing the prompts (one per device); the sinks merge their output.")
+@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The engine's NAME.key_secret: encrypt and authenticate the bus (CURVE).")
+@click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of the remote sinks' public keys to accept.")
+@click.option("--insecure", is_flag=True, help="Allow --bind beyond loopback without CURVE.")
 @reports_errors
 def run(**o):
     """Generate for a prompt set with the engine and sinks as separate processes."""
@@ -300,6 +341,7 @@ def _size(dim: str, sizes: dict[str, int]) -> str:
 cli.add_command(engine)
 cli.add_command(sink)
 cli.add_command(attach)
+cli.add_command(keys)
 
 
 def seed_main() -> None:

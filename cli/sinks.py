@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from gemmalens.engine.security import CurveClient, create_keys
 from gemmalens.sinks.base import Subscriber
 from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.results import ResultsWriter
@@ -43,8 +44,21 @@ def serve(sink: Subscriber, idle_timeout: float | None) -> None:
         sys.exit(1)
 
 
+def _curve(o) -> CurveClient | None:
+    if not (o.get("curve_secret") or o.get("curve_server")):
+        return None
+    if not (o.get("curve_secret") and o.get("curve_server")):
+        raise click.UsageError("--curve-secret and --curve-server go together")
+    return CurveClient(o["curve_secret"], o["curve_server"])
+
+
 def common(command):
-    command = click.option("--connect", multiple=True, required=True, help="Engine endpoint(s) to subscribe to.")(command)
+    command = click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+                           help="This sink's NAME.key_secret (CURVE).")(command)
+    command = click.option("--curve-server", type=click.Path(exists=True, dir_okay=False), default=None,
+                           help="The engine's public key file: refuse any other engine.")(command)
+    command = click.option("--connect", multiple=True, required=True,
+                           help="Engine endpoint(s) to subscribe to (several engines of one run: repeat).")(command)
     command = click.option("--name", default=None, help="Name announced to the engine.")(command)
     command = click.option("--idle-timeout", type=float, default=None,
                            help="Give up after this many silent seconds in a run.")(command)
@@ -62,10 +76,10 @@ def sink():
 @click.option("--activations-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--no-compress-activations", is_flag=True)
 @reports_errors
-def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations):
+def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, **curve):
     """Archive activation frames as activations_step_*.npz files."""
-    serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz"),
-          idle_timeout)
+    serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz",
+                      curve=_curve(curve)), idle_timeout)
 
 
 @sink.command("results")
@@ -73,17 +87,18 @@ def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--echo", is_flag=True, help="Print each result as it arrives.")
 @reports_errors
-def results_sink(connect, name, idle_timeout, verbose, output_dir, echo):
+def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **curve):
     """Write results.json, results.jsonl, prompt_metadata.json and summary.json."""
-    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results"), idle_timeout)
+    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results", curve=_curve(curve)),
+          idle_timeout)
 
 
 @sink.command("stats")
 @common
 @reports_errors
-def stats_sink(connect, name, idle_timeout, verbose):
+def stats_sink(connect, name, idle_timeout, verbose, **curve):
     """Show live progress (connect it to the engine's lossy endpoint)."""
-    serve(LiveStats(list(connect), name=name or "stats"), idle_timeout)
+    serve(LiveStats(list(connect), name=name or "stats", curve=_curve(curve)), idle_timeout)
 
 
 def load_subscriber(spec: str) -> type[Subscriber]:
@@ -103,7 +118,17 @@ def load_subscriber(spec: str) -> type[Subscriber]:
 @click.argument("subscriber")
 @common
 @reports_errors
-def attach(subscriber, connect, name, idle_timeout, verbose):
+def attach(subscriber, connect, name, idle_timeout, verbose, **curve):
     """Run a custom subscriber (module:Class, a Subscriber subclass) against an engine."""
     cls = load_subscriber(subscriber)
-    serve(cls(list(connect), name=name or cls.__name__.lower()), idle_timeout)
+    serve(cls(list(connect), name=name or cls.__name__.lower(), curve=_curve(curve)), idle_timeout)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default=".", show_default=True)
+@reports_errors
+def keys(name, folder, verbose=False):
+    """Create a CURVE key pair: NAME.key (public, to share) and NAME.key_secret (to keep)."""
+    public, secret = create_keys(folder, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")

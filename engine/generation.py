@@ -101,10 +101,11 @@ class ResultEvent:
 
 @dataclass
 class BatchEndEvent:
-    """Every row of ``batch`` has finished: its activations are complete."""
+    """Every row of ``batch`` has finished after ``steps`` steps: its activations are complete."""
 
     batch: int
     indices: list[int]
+    steps: int
 
 
 def generate(
@@ -177,7 +178,7 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
             break
         seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
         tokens_in = tokens[:, None]
-    yield BatchEndEvent(batch, list(indices))
+    yield BatchEndEvent(batch, list(indices), step + 1)
 
 
 def _result(tokenizer, config, index, prompt, formatted, prompt_ids, generated, finish, started, prompt_seconds):

@@ -72,8 +72,13 @@ class Publisher:
         sync_timeout: float = 60.0,
         high_water_mark: int = 256,
         curve=None,
+        engine_id: str = "0",
+        expect_names: tuple[str, ...] = (),
     ):
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.engine_id = engine_id
+        self.expect_names = set(expect_names)
+        self._curve = curve
         self.codec = codec
         self.wire_dtype = wire_dtype
         self.expect = expect
@@ -135,7 +140,8 @@ class Publisher:
         elif isinstance(event, ResultEvent):
             self._put(("json", "result", "result", event.result.to_dict()))
         elif isinstance(event, BatchEndEvent):
-            self._put(("json", "batch.end", "batch_end", {"batch": event.batch, "prompts": event.indices}))
+            self._put(("json", "batch.end", "batch_end", {"batch": event.batch, "prompts": event.indices,
+                                                             "steps": event.steps}))
 
     def stats(self, values: dict[str, Any]) -> None:
         self._put(("json", "stats", "stats", {**values, "queue_depth": self._queue.qsize()}))
@@ -157,6 +163,8 @@ class Publisher:
         for sock in (self._reliable, self._lossy):
             if sock is not None and not sock.closed:
                 sock.close()
+        if self._curve is not None:
+            self._curve.close()
 
     def _put(self, item) -> None:
         if self._error is not None:
@@ -164,18 +172,21 @@ class Publisher:
         self._queue.put(item)
 
     def _wait_for_sinks(self) -> None:
-        if self._reliable is None or self.expect <= 0:
+        if self._reliable is None or (self.expect <= 0 and not self.expect_names):
             return
         deadline = time.monotonic() + self.sync_timeout
-        while len(self.sinks) < self.expect:
+        while len(self.sinks) < self.expect or not self.expect_names <= self.sinks:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.close()
-                raise PublisherError(
+                absent = sorted(self.expect_names - self.sinks)
+                message = (
                     f"waited {self.sync_timeout:.0f} s for {self.expect} sink(s) on {self.endpoints['reliable']}, "
-                    f"{len(self.sinks)} came ({', '.join(sorted(self.sinks)) or 'none'}); start the sinks with "
-                    "--connect to that address, or lower the number expected"
+                    f"{len(self.sinks)} came ({', '.join(sorted(self.sinks)) or 'none'})"
+                    + (f", not {', '.join(absent)}" if absent else "")
+                    + "; start the sinks with --connect to that address, or expect fewer"
                 )
+                self.close()
+                raise PublisherError(message)
             if self._reliable.poll(int(min(remaining, 0.5) * 1000)):
                 self._read_subscription()
 
@@ -217,7 +228,7 @@ class Publisher:
         return self._frame(topic, {"kind": kind}, body)
 
     def _frame(self, topic: str, header: dict[str, Any], payload) -> list[bytes]:
-        header = {"v": VERSION, "run": self.run_id, "seq": self.counts[topic], **header}
+        header = {"v": VERSION, "run": self.run_id, "engine": self.engine_id, "seq": self.counts[topic], **header}
         self.counts[topic] += 1
         return message(topic, header, payload)
 

@@ -26,7 +26,12 @@ from .tokenizer import Tokenizer
 
 def run_info(model: Gemma3, config: GenerationConfig, selection: Selection, prompts: Sequence[Prompt],
              extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``run.start`` body: everything needed to interpret and reproduce the run."""
+    """The ``run.start`` body: everything needed to interpret and reproduce the run.
+
+    ``prompts`` is the whole prompt set of the run (every engine of a sharded
+    run, finished prompts of a resumed run included); ``extra`` may say how
+    many ``engines`` serve it.
+    """
     from gemmalens import __version__
 
     return {
@@ -37,6 +42,7 @@ def run_info(model: Gemma3, config: GenerationConfig, selection: Selection, prom
         "prompts": [p.to_dict() for p in prompts],
         "versions": {"gemmalens": __version__, "mlx": mx.__version__, "python": platform.python_version()},
         "device": str(mx.default_device()),
+        "engines": 1,
         **(extra or {}),
     }
 

@@ -53,10 +53,11 @@ class Subscriber:
         for prefix in prefixes:
             self.socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         self.socket.setsockopt(zmq.SUBSCRIBE, f"hello.{self.name}".encode())  # last: tells the engine we are in
-        self.expected_seq: dict[str, int] = {}
-        self.received: dict[str, int] = {}
+        self.expected_seq: dict[tuple[str, str], int] = {}
+        self.received: dict[tuple[str, str], int] = {}
         self.gaps: list[str] = []
         self.run_info: dict[str, Any] | None = None
+        self.ends: dict[str, dict[str, Any]] = {}  # run.end per engine
         self.summary: dict[str, Any] | None = None
         self.aborted: str | None = None
 
@@ -78,6 +79,9 @@ class Subscriber:
 
     def on_run_end(self, summary: dict[str, Any]) -> None: ...
 
+    def on_gap(self, topic: str) -> None:
+        """Called when a message of ``topic`` went missing (the base class records it in ``gaps``)."""
+
     # machinery ---------------------------------------------------------------
 
     @property
@@ -85,13 +89,17 @@ class Subscriber:
         """Every frame of the subscribed topics arrived, none missing, none duplicated."""
         if self.summary is None or self.gaps or self.aborted:
             return False
-        totals = self.summary.get("topics", {})
-        return all(self.received.get(t, 0) == n for t, n in totals.items() if self._wants(t))
+        return not self.missing()
 
     def missing(self) -> dict[str, int]:
-        """Frames the engine sent on subscribed topics that did not arrive, by topic."""
-        totals = (self.summary or {}).get("topics", {})
-        return {t: n - self.received.get(t, 0) for t, n in totals.items() if self._wants(t) and self.received.get(t, 0) != n}
+        """Messages the engines sent on subscribed topics that did not arrive, by topic."""
+        out: dict[str, int] = {}
+        for engine, end in self.ends.items():
+            for topic, sent in end.get("topics", {}).items():
+                got = self.received.get((engine, topic), 0)
+                if self._wants(topic) and got != sent:
+                    out[topic] = out.get(topic, 0) + sent - got
+        return out
 
     def _wants(self, topic: str) -> bool:
         return topic in ALWAYS or topic in ("stats", "batch.end") or any(topic.startswith(p) for p in self.topics)
@@ -125,16 +133,18 @@ class Subscriber:
         if topic.startswith("hello."):
             return
         frame = decode(parts, self.bfloat16_as)
-        seq = frame.header.get("seq")
-        expected = self.expected_seq.get(topic, 0)
+        seq, key = frame.header.get("seq"), (str(frame.header.get("engine", "0")), topic)
+        expected = self.expected_seq.get(key, 0)
         if seq != expected:
             self.gaps.append(f"{topic}: expected seq {expected}, got {seq}")
-        self.expected_seq[topic] = seq + 1
-        self.received[topic] = self.received.get(topic, 0) + 1
+            self.on_gap(topic)
+        self.expected_seq[key] = seq + 1
+        self.received[key] = self.received.get(key, 0) + 1
         kind = frame.header.get("kind")
         if kind == "run_start":
-            self.run_info = frame.body
-            self.on_run_start(frame.body)
+            if self.run_info is None:  # several engines of one run send the same prompt set
+                self.run_info = frame.body
+                self.on_run_start(frame.body)
         elif kind == "activation":
             self.on_activation(frame)
         elif kind == "tokens":
@@ -146,8 +156,10 @@ class Subscriber:
         elif kind == "stats":
             self.on_stats(frame.body)
         elif kind == "run_end":
-            self.summary = frame.body
-            self.on_run_end(frame.body)
+            self.ends[key[0]] = frame.body
+            if len(self.ends) >= int((self.run_info or {}).get("engines", 1)):
+                self.summary = _merge_ends(self.ends)
+                self.on_run_end(self.summary)
 
     def abort(self, reason: str) -> None:
         """Ends a run that will not send ``run.end`` (engine gone, sink stopped): finishes as incomplete."""
@@ -166,3 +178,21 @@ class LossySubscriber(Subscriber):
     """For live views: connects to the lossy endpoint; may miss frames, never slows the engine."""
 
     reliable = False
+
+
+def _merge_ends(ends: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One run.end for a run served by several engines: totals added, complete only if all are."""
+    merged: dict[str, Any] = {"complete": all(e.get("complete") for e in ends.values()), "engines": sorted(ends)}
+    reasons = sorted({e.get("reason") for e in ends.values() if e.get("reason")})
+    merged["reason"] = "; ".join(reasons) or None
+    for key in ("prompts_done", "tokens", "bytes_raw", "bytes_wire"):
+        merged[key] = sum(e.get(key, 0) for e in ends.values())
+    merged["prompts_total"] = max((e.get("prompts_total", 0) for e in ends.values()), default=0)
+    merged["seconds"] = max((e.get("seconds", 0) for e in ends.values()), default=0)
+    merged["tokens_per_second"] = merged["tokens"] / merged["seconds"] if merged["seconds"] else 0.0
+    topics: dict[str, int] = {}
+    for end in ends.values():
+        for topic, count in end.get("topics", {}).items():
+            topics[topic] = topics.get(topic, 0) + count
+    merged["topics"] = topics
+    return merged

@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gemmalens.engine.selection import Selection
+
 from .base import Subscriber
 
 INDEX = "activations_index.json"
@@ -60,6 +62,9 @@ class NpzArchiver(Subscriber):
         self.files_written = 0
 
     def on_run_start(self, info: dict[str, Any]) -> None:
+        capture = info.get("capture") or {}
+        self.selection = Selection(frozenset(capture.get("names", [])), tuple(capture.get("sample_patterns", [])),
+                                   tuple(capture.get("exclude", [])), capture.get("positions", "all"))
         self.directory.mkdir(parents=True, exist_ok=True)
         index_path = self.directory / INDEX
         if index_path.exists():
@@ -99,11 +104,17 @@ class NpzArchiver(Subscriber):
         self.files_written += 1
         batch = self.index["batches"].setdefault(str(body["batch"]), {"prompts": slot["prompts"], "files": []})
         batch.setdefault("open_files", []).append(step_file(body["step"], body["batch"]))
+        expected = {n for n in self.selection.names_for_step(body["step"])}
+        if expected - set(k for k in slot["arrays"] if not k.endswith(".positions")):
+            batch["damaged"] = True  # a frame of this step was lost on the way
 
     def on_batch_end(self, body: dict[str, Any]) -> None:
         batch = self.index["batches"].setdefault(str(body["batch"]), {"prompts": body["prompts"], "files": []})
-        batch["files"] = batch.pop("open_files", [])
-        batch["steps"] = len(batch["files"])
+        files = batch.pop("open_files", [])
+        if batch.pop("damaged", False) or files != [step_file(k, body["batch"]) for k in range(body["steps"])]:
+            del self.index["batches"][str(body["batch"])]  # incomplete: --resume regenerates these prompts
+            return
+        batch["files"], batch["steps"] = files, body["steps"]
         self._write_index()
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
