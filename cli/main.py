@@ -154,7 +154,10 @@ def _supervise(engines: list[subprocess.Popen], sinks: list[subprocess.Popen]) -
                     proc.wait()
                 break
             time.sleep(0.1)
-        deadline = time.monotonic() + 60
+        # An engine that exited on its own sent run.end (or never started): give the sinks time to finish.
+        # One that was killed never will: finish them now, as incomplete.
+        killed = any(proc.returncode < 0 for proc in engines)
+        deadline = time.monotonic() + (1 if killed else 60)
         for proc in sinks:
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)

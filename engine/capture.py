@@ -4,8 +4,10 @@ A ``Capture`` records the values of a fixed set of names during one forward
 pass; ``NO_CAPTURE`` records nothing and costs nothing. Layouts: everything is
 ``[batch, seq, ...]`` except attention scores and weights, which are
 ``[batch, heads, seq, keys]`` with the key axis indexing absolute slots
-``0..T-1`` of the (left-padded) sequence; keys a query does not see hold
-``-inf`` (scores) or ``0`` (weights).
+``0..T-1`` of the (left-padded) sequence, T the cache's capacity (during
+generation; the events trim it to the slots written) or the sequence length;
+keys a query does not see hold ``-inf`` (scores) or ``0`` (weights). Nothing
+here synchronises with the device, so a compiled step can capture.
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ class Capture:
     def wants(self, *names: str) -> bool:
         return any(name in self.names for name in names)
 
-    def attention(self, name: str, x: mx.array, slots: mx.array) -> None:
-        """Records ``[B, H, L, K]`` attention whose column j holds key slot ``slots[j]``."""
+    def attention(self, name: str, x: mx.array, slots: mx.array, total: int) -> None:
+        """Records ``[B, H, L, K]`` attention whose column j holds key slot ``slots[j]``, over slots 0..total-1."""
         if name not in self.names:
             return
         K = slots.shape[0]
-        total = int(mx.max(slots).item()) + 1
         columns = mx.arange(total) % K
         valid = slots[columns] == mx.arange(total)
         fill = -mx.inf if name.endswith("scores") else 0.0

@@ -57,6 +57,9 @@ class GenerationConfig:
     batch_size: int = 4
     chat: bool = False
     stop: tuple[str, ...] = ()
+    # Decode steps through mx.compile (the prompt pass stays eager). None: on a GPU only; on the CPU
+    # compiling costs seconds once and gained nothing measurable (docs/performance.md).
+    compiled: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -65,6 +68,8 @@ class GenerationConfig:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.seed is None:
             object.__setattr__(self, "seed", secrets.randbits(31))
+        if self.compiled is None:
+            object.__setattr__(self, "compiled", mx.default_device() != mx.cpu)
 
 
 @dataclass
@@ -129,6 +134,34 @@ def generate(
         )
 
 
+class DecodeStep:
+    """One decode step (a token per row) over the fixed-shape caches, compiled once for a capture set.
+
+    The caches' arrays and write offsets go in and come out as the step's
+    state, so the compiled graph is pure; captured values come out with the logits.
+    """
+
+    def __init__(self, model: Gemma3, cache: list, names: frozenset[str], compiled: bool = True):
+        self.cache = cache
+
+        def step(state, tokens, pad):
+            for layer_cache, (keys, values, offset) in zip(cache, state):
+                layer_cache.keys, layer_cache.values, layer_cache.offset = keys, values, offset
+            cap = Capture(names) if names else NO_CAPTURE
+            logits = model(tokens, pad, cache, cap, last_only=True)[:, -1]
+            return logits, [(c.keys, c.values, c.offset) for c in cache], cap.take()
+
+        self._step = mx.compile(step) if compiled else step
+
+    def __call__(self, tokens: mx.array, pad: mx.array) -> tuple[mx.array, dict[str, mx.array]]:
+        """Logits ``[B, V]`` for tokens ``[B, 1]``, and the captured values."""
+        state = [(c.keys, c.values, c.offset) for c in self.cache]
+        logits, state, values = self._step(state, tokens, pad)
+        for layer_cache, (keys, values_, offset) in zip(self.cache, state):
+            layer_cache.keys, layer_cache.values, layer_cache.offset = keys, values_, offset
+        return logits, values
+
+
 def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig, selection: Selection, batch: int):
     started = time.perf_counter()
     formatted = [tokenizer.format(p, config.chat) for p in prompts]
@@ -147,10 +180,16 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     finish: list[str | None] = [None] * B
     tokens_in = ids
     prompt_seconds = 0.0
+    decode_names = frozenset(n for n in selection.names_for_step(1) if not n.startswith("generate."))
+    decode = DecodeStep(model, cache, decode_names, config.compiled)
     for step in range(config.max_tokens):
         names = selection.names_for_step(step)
         cap = Capture(names) if names else NO_CAPTURE
-        logits = model(tokens_in, pad, cache, cap, last_only=True)[:, -1]
+        if step == 0:
+            logits = model(tokens_in, pad, cache, cap, last_only=True)[:, -1]
+        else:
+            logits, captured = decode(tokens_in, pad)
+            cap.values.update(captured)
         keys = None if config.sampling.temperature == 0 else step_keys(config.seed, indices, step)
         tokens, record = sample(logits, seen, config.sampling, keys)
         for name, value in record.items():
@@ -207,6 +246,8 @@ def _activation_events(values, batch, step, indices, pads, width, positions_kept
     """Events for one step's captured values; slot arithmetic turns the seq axis into positions."""
     for name, array in values.items():
         seq_axis = 2 if name.endswith(("attn_scores", "attn_weights")) else 1
+        if seq_axis == 2:
+            array = array[..., : width + step]  # the key slots written so far
         if name.startswith("generate."):
             first = width + step  # the position of the token being chosen
         else:

@@ -87,13 +87,13 @@ class Attention(nn.Module):
             keys, values, slots = cache.update(keys, values)
         mask = mask_for(slots)  # (B, 1, L, K) bool
         if cap.wants(p + "attn_scores", p + "attn_weights"):
-            out = self._explicit(queries, keys, values, mask, slots, cap)
+            out = self._explicit(queries, keys, values, mask, slots, mask_for.total, cap)
         else:
             out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         out = cap(p + "attn_out", out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return cap(p + "o_proj_out", self.o_proj(out))
 
-    def _explicit(self, queries, keys, values, mask, slots, cap: Capture):
+    def _explicit(self, queries, keys, values, mask, slots, total, cap: Capture):
         """Attention with its scores and weights materialised, for capture."""
         B, H, L, D = queries.shape
         G = self.kv_heads
@@ -101,9 +101,9 @@ class Attention(nn.Module):
         scores = (grouped * self.scale) @ keys[:, :, None].swapaxes(-1, -2)
         scores = scores.reshape(B, H, L, -1).astype(mx.float32)
         scores = mx.where(mask, scores, -mx.inf)
-        cap.attention(self.p + "attn_scores", scores, slots)
+        cap.attention(self.p + "attn_scores", scores, slots, total)
         weights = mx.softmax(scores, axis=-1).astype(queries.dtype)
-        cap.attention(self.p + "attn_weights", weights, slots)
+        cap.attention(self.p + "attn_weights", weights, slots, total)
         out = weights.reshape(B, G, H // G, L, -1) @ values[:, :, None]
         return out.reshape(B, H, L, D)
 
@@ -175,7 +175,7 @@ class Gemma3(nn.Module):
         """One cache per layer for ``capacity`` slots (prompt + new tokens)."""
         c, dtype = self.config, self.dtype
         return [
-            SlidingCache(batch, c.num_key_value_heads, min(c.sliding_window, capacity), c.head_dim, dtype)
+            SlidingCache(batch, c.num_key_value_heads, c.sliding_window, capacity, c.head_dim, dtype)
             if c.is_sliding(i)
             else GlobalCache(batch, c.num_key_value_heads, capacity, c.head_dim, dtype)
             for i in range(c.num_hidden_layers)
@@ -199,7 +199,8 @@ class Gemma3(nn.Module):
         B, L = ids.shape
         pad = mx.zeros((B,), dtype=mx.int32) if pad is None else pad
         offset = cache[0].offset if cache else 0
-        query_slots = mx.arange(offset, offset + L)
+        query_slots = offset + mx.arange(L)
+        total = cache[0].capacity if cache else L  # key slots an attention capture covers
         positions = mx.maximum(query_slots[None] - pad[:, None], 0)  # (B, L)
 
         h = cap("model.embed_tokens_out", self.model.embed_tokens(ids))
@@ -219,6 +220,7 @@ class Gemma3(nn.Module):
                     masks[key] = attention_mask(query_slots, key_slots, pad, c.sliding_window if sliding else None)
                 return masks[key]
 
+            mask_for.total = total
             return mask_for
 
         for i, layer in enumerate(self.model.layers):

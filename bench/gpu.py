@@ -1,0 +1,202 @@
+"""GPU benchmark: gemmalens against mlx-lm on Gemma 3 1B shapes (random bf16 weights), one process, one card.
+
+Measures copy bandwidths; gemmalens without capture; gemmalens publishing resid_out of every layer to
+an npz archiver; gemmalens publishing every point except attention (scores and weights); mlx-lm's
+Gemma 3 on the same weights and inputs. Prompt 64 tokens, 128 new tokens, greedy, batch 1, 16, 64.
+Checks first that the compiled decode step and the eager one agree. Prints a table last.
+
+    python bench/gpu.py [--new-tokens 128] [--capture-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+
+import gemmalens  # noqa: F401  (the engine's set-up before MLX)
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from gemmalens.engine.config import Gemma3Config, layer_pattern
+from gemmalens.engine.generation import GenerationConfig, ResultEvent, generate
+from gemmalens.engine.model import Gemma3
+from gemmalens.engine.prompts import Prompt
+from gemmalens.engine.publisher import Publisher
+from gemmalens.engine.run import publish_run
+from gemmalens.engine.sampling import SamplingParams
+from gemmalens.engine.selection import select
+from gemmalens.sinks.npz import NpzArchiver
+
+ONE_B = Gemma3Config(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
+                     query_pre_attn_scalar=256.0, max_position_embeddings=32768, layer_types=layer_pattern(26, 6))
+GREEDY = SamplingParams(0.0, 1.0, None, 1.0)
+
+
+class IdTokenizer:
+    """Prompts are lists of ids; nothing stops early, so every row makes exactly the tokens asked for."""
+
+    pad_id, bos_id, stop_ids = 0, 2, frozenset()
+
+    def format(self, prompt, chat=False):
+        return prompt
+
+    def encode(self, prompt, chat=False):
+        return list(prompt)
+
+    def decode(self, ids):
+        return ""
+
+    def pad_batch(self, rows):
+        from gemmalens.engine.tokenizer import Tokenizer
+
+        return Tokenizer.pad_batch(self, rows)
+
+
+def random_weights(config):
+    shapes = dict(tree_flatten(Gemma3(config).parameters()))
+    weights = {}
+    for i, (name, value) in enumerate(sorted(shapes.items())):
+        key = mx.random.key(i)
+        scale = 0.0 if name.endswith("norm.weight") else 0.02
+        weights[name] = (mx.random.normal(value.shape, key=key) * scale).astype(mx.bfloat16)
+    mx.eval(weights)
+    return weights
+
+
+def gemmalens_model(config, weights):
+    model = Gemma3(config)
+    model.load_weights(list(weights.items()))
+    return model
+
+
+def prompts_for(batch, length=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[2] + rng.integers(3, 262000, size=length - 1).tolist() for _ in range(batch)]
+
+
+def run_plain(model, batch, new_tokens, compiled=True):
+    config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch, compiled=compiled)
+    started = time.perf_counter()
+    results = [e.result for e in generate(model, IdTokenizer(), prompts_for(batch), config)
+               if isinstance(e, ResultEvent)]
+    seconds = time.perf_counter() - started
+    return sum(len(r.tokens) for r in results) / seconds, results
+
+
+def run_captured(model, batch, new_tokens, patterns, exclude=()):
+    folder = tempfile.mkdtemp(prefix="gl-bench-")
+    publisher = Publisher(reliable="inproc://bench", expect=1, codec="lz4", workers=8, queue_size=256)
+    archiver = NpzArchiver("inproc://bench", folder, compress=False, name="npz")
+    thread = threading.Thread(target=archiver.run, daemon=True)
+    thread.start()
+    config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
+    prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
+    selection = select(model.config, list(patterns), list(exclude), positions="generated")
+    started = time.perf_counter()
+    results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
+    thread.join()
+    seconds = time.perf_counter() - started
+    assert archiver.complete, "the archiver missed frames"
+    return sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds
+
+
+def run_mlx_lm(weights, batch, new_tokens):
+    from mlx_lm.generate import batch_generate, generate_step
+    from mlx_lm.models.gemma3_text import Model, ModelArgs
+
+    args = ModelArgs(model_type="gemma3_text", hidden_size=1152, num_hidden_layers=26, intermediate_size=6912,
+                     num_attention_heads=4, head_dim=256, rms_norm_eps=1e-6, vocab_size=262144,
+                     num_key_value_heads=1, sliding_window=512, sliding_window_pattern=6)
+    model = Model(args)
+    model.load_weights([(k, v) for k, v in weights.items()], strict=False)
+    model.sanitize({})
+    rows = prompts_for(batch)
+    started = time.perf_counter()
+    if batch == 1:
+        count = sum(1 for _ in zip(range(new_tokens), generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)))
+    else:
+        from types import SimpleNamespace
+
+        tokenizer = SimpleNamespace(eos_token_ids=set(), decode=lambda ids: "")
+        response = batch_generate(model, tokenizer, rows, max_tokens=new_tokens, return_token_ids=True)
+        count = sum(len(ids) for ids in response.token_ids)
+    return count / (time.perf_counter() - started)
+
+
+def bandwidths():
+    a = mx.random.normal((1 << 28,)).astype(mx.bfloat16)  # 512 MiB
+    mx.eval(a)
+    b = mx.array(a) + 0
+    mx.eval(b)
+    started = time.perf_counter()
+    for _ in range(10):
+        b = a + 0
+        mx.eval(b)
+    device = 10 * 2 * a.nbytes / (time.perf_counter() - started) / 1e9
+    started = time.perf_counter()
+    np.array(a.view(mx.uint16))
+    host = a.nbytes / (time.perf_counter() - started) / 1e9
+    return device, host
+
+
+def check_compiled_equals_eager(model):
+    eager = run_plain(model, 4, 32, compiled=False)[1]
+    fast = run_plain(model, 4, 32, compiled=True)[1]
+    same = [a.tokens == b.tokens for a, b in zip(eager, fast)]
+    from gemmalens.engine.generation import DecodeStep
+
+    ids = mx.array(prompts_for(2), dtype=mx.int32)
+    pad = mx.zeros((2,), dtype=mx.int32)
+    errors = []
+    for compiled in (False, True):
+        cache = model.make_cache(2, 80)
+        model(ids, pad, cache, last_only=True)
+        step = DecodeStep(model, cache, frozenset(), compiled)
+        errors.append(step(ids[:, -1:], pad)[0].astype(mx.float32))
+    rel = float(mx.linalg.norm(errors[0] - errors[1]) / mx.linalg.norm(errors[0]))
+    return all(same), rel
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--capture-tokens", type=int, default=32)
+    parser.add_argument("--batches", default="1,16,64")
+    args = parser.parse_args()
+    print("device:", mx.default_device(), flush=True)
+    device_bw, host_bw = bandwidths()
+    print(f"copy device->device {device_bw:.0f} GB/s, device->host {host_bw:.1f} GB/s", flush=True)
+    weights = random_weights(ONE_B)
+    model = gemmalens_model(ONE_B, weights)
+    same, rel = check_compiled_equals_eager(model)
+    print(f"compiled vs eager: greedy tokens identical {same}; logits relative difference {rel:.2e}", flush=True)
+    bytes_per_token = sum(v.nbytes for v in weights.values())
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        run_plain(model, batch, 4)  # warm-up and compile
+        plain, _ = run_plain(model, batch, args.new_tokens)
+        mx.reset_peak_memory()
+        run_plain(model, batch, args.new_tokens)
+        peak = mx.get_peak_memory() / 1e9
+        mlx_lm_rate = run_mlx_lm(weights, batch, args.new_tokens)
+        resid, resid_bus = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
+        everything, all_bus = run_captured(model, batch, args.capture_tokens, ["*"], ["*.attn_scores", "*.attn_weights"])
+        rows.append((batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, peak))
+        print(f"batch {batch}: gemmalens {plain:.0f} tok/s, mlx-lm {mlx_lm_rate:.0f}, resid {resid:.0f} "
+              f"({resid_bus / 1e6:.0f} MB/s), all-but-attention {everything:.0f} ({all_bus / 1e6:.0f} MB/s)", flush=True)
+    floor = device_bw * 1e9 / bytes_per_token
+    print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")
+    print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'ratio':>6} {'floor%':>7} {'resid->npz':>11} {'vs own':>7} "
+          f"{'bus MB/s':>9} {'all-but-attn':>13} {'bus MB/s':>9} {'peak GB':>8}")
+    for batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, peak in rows:
+        print(f"{batch:>5} {plain:>10.0f} {mlx_lm_rate:>8.0f} {plain / mlx_lm_rate:>6.2f} "
+              f"{(plain / floor if batch == 1 else float('nan')):>7.1%} {resid:>11.0f} {resid / plain:>7.0%} "
+              f"{resid_bus / 1e6:>9.0f} {everything:>13.0f} {all_bus / 1e6:>9.0f} {peak:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
