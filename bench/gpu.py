@@ -11,8 +11,10 @@ Checks first that the compiled decode step and the eager one agree. Prints a tab
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 
 import gemmalens  # noqa: F401  (the engine's set-up before MLX)
@@ -28,7 +30,6 @@ from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import publish_run
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
-from gemmalens.sinks.npz import NpzArchiver
 
 ONE_B = Gemma3Config(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
                      num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
@@ -87,20 +88,24 @@ def run_plain(model, batch, new_tokens, compiled=True):
     return sum(len(r.tokens) for r in results) / seconds, results
 
 
+ARCHIVER = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
+            "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=False, name='npz')\nsys.exit(0 if sink.run() else 1)")
+
+
 def run_captured(model, batch, new_tokens, patterns, exclude=()):
+    """The engine publishing to an npz archiver in its own process (as `gemmalens run` does)."""
     folder = tempfile.mkdtemp(prefix="gl-bench-")
-    publisher = Publisher(reliable="inproc://bench", expect=1, codec="lz4", workers=8, queue_size=256)
-    archiver = NpzArchiver("inproc://bench", folder, compress=False, name="npz")
-    thread = threading.Thread(target=archiver.run, daemon=True)
-    thread.start()
+    address = f"ipc://{folder}/bus"
+    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=8, queue_size=256)
+    archiver = subprocess.Popen([sys.executable, "-c", ARCHIVER, address, folder])
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
     prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
     started = time.perf_counter()
     results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
-    thread.join()
+    assert archiver.wait() == 0, "the archiver missed frames"
     seconds = time.perf_counter() - started
-    assert archiver.complete, "the archiver missed frames"
+    shutil.rmtree(folder, ignore_errors=True)
     return sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds
 
 
@@ -115,6 +120,7 @@ def run_mlx_lm(weights, batch, new_tokens):
     model.load_weights([(k, v) for k, v in weights.items()], strict=False)
     model.sanitize({})
     rows = prompts_for(batch)
+    list(zip(range(4), generate_step(mx.array(rows[0]), model, max_tokens=4)))  # warm-up
     started = time.perf_counter()
     if batch == 1:
         count = sum(1 for _ in zip(range(new_tokens), generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)))
@@ -125,6 +131,30 @@ def run_mlx_lm(weights, batch, new_tokens):
         response = batch_generate(model, tokenizer, rows, max_tokens=new_tokens, return_token_ids=True)
         count = sum(len(ids) for ids in response.token_ids)
     return count / (time.perf_counter() - started)
+
+
+def decode_breakdown(model, batch=1, steps=30):
+    """Milliseconds per decode step: the model alone (eager, compiled), and the whole generation loop."""
+    from gemmalens.engine.generation import DecodeStep
+
+    out = {}
+    ids = mx.array(prompts_for(batch), dtype=mx.int32)
+    pad = mx.zeros((batch,), dtype=mx.int32)
+    for compiled in (False, True):
+        cache = model.make_cache(batch, 64 + steps + 8)
+        mx.eval(model(ids, pad, cache, last_only=True))
+        step = DecodeStep(model, cache, frozenset(), compiled)
+        token = ids[:, -1:]
+        for i in range(steps + 3):
+            if i == 3:
+                started = time.perf_counter()
+            logits, _ = step(token, pad)
+            token = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
+            mx.eval(token)
+        out["compiled" if compiled else "eager"] = (time.perf_counter() - started) / steps * 1e3
+    rate, _ = run_plain(model, batch, steps)
+    out["generate loop"] = 1e3 * batch / rate
+    return out
 
 
 def bandwidths():
@@ -175,6 +205,9 @@ def main():
     same, rel = check_compiled_equals_eager(model)
     print(f"compiled vs eager: greedy tokens identical {same}; logits relative difference {rel:.2e}", flush=True)
     bytes_per_token = sum(v.nbytes for v in weights.values())
+    for batch in (1, 64):
+        parts = decode_breakdown(model, batch)
+        print(f"batch {batch} ms per decode step: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
     rows = []
     for batch in map(int, args.batches.split(",")):
         run_plain(model, batch, 4)  # warm-up and compile

@@ -178,26 +178,31 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
 
     generated: list[list[int]] = [[] for _ in prompts]
     finish: list[str | None] = [None] * B
-    tokens_in = ids
     prompt_seconds = 0.0
     decode_names = frozenset(n for n in selection.names_for_step(1) if not n.startswith("generate."))
     decode = DecodeStep(model, cache, decode_names, config.compiled)
+    cap = Capture(selection.names_for_step(0)) if selection.names_for_step(0) else NO_CAPTURE
+    logits = model(ids, pad, cache, cap, last_only=True)[:, -1]
+    captured = cap.take()
     for step in range(config.max_tokens):
-        names = selection.names_for_step(step)
-        cap = Capture(names) if names else NO_CAPTURE
-        if step == 0:
-            logits = model(tokens_in, pad, cache, cap, last_only=True)[:, -1]
-        else:
-            logits, captured = decode(tokens_in, pad)
-            cap.values.update(captured)
         keys = None if config.sampling.temperature == 0 else step_keys(config.seed, indices, step)
         tokens, record = sample(logits, seen, config.sampling, keys)
-        for name, value in record.items():
-            cap(f"generate.step_{step}.sample.{name}", value[:, None])
+        wanted = selection.names_for_step(step)
+        captured.update({f"generate.step_{step}.sample.{n}": v[:, None] for n, v in record.items()
+                         if f"generate.step_{step}.sample.{n}" in wanted})
+        seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
+        if step + 1 < config.max_tokens:
+            # Queue the next step on the device before waiting for this one's tokens: the host's
+            # bookkeeping and publishing below overlap with the device's work.
+            logits, next_captured = decode(tokens[:, None], pad)
+            mx.async_eval(logits, tokens, *next_captured.values())
         chosen = tokens.tolist()
         if step == 0:
             prompt_seconds = time.perf_counter() - started
-        yield from _activation_events(cap.take(), batch, step, indices, pads, width, selection.positions)
+        mx.eval(list(captured.values()))
+        yield from _activation_events(captured, batch, step, indices, pads, width, selection.positions)
+        if step + 1 < config.max_tokens:
+            captured = next_captured if selection.names_for_step(step + 1) else {}
         live = [r for r in range(B) if finish[r] is None]
         yield StepEvent(batch, step, [indices[r] for r in live], [chosen[r] for r in live],
                         [width - pads[r] + step for r in live])
@@ -215,8 +220,6 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
                                           generated[r], finish[r], started, prompt_seconds))
         if all(f is not None for f in finish):
             break
-        seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
-        tokens_in = tokens[:, None]
     yield BatchEndEvent(batch, list(indices), step + 1)
 
 
