@@ -97,7 +97,7 @@ def run_captured(model, batch, new_tokens, patterns, exclude=()):
     folder = tempfile.mkdtemp(prefix="gl-bench-")
     address = f"ipc://{folder}/bus"
     publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=8, queue_size=256)
-    archiver = subprocess.Popen([sys.executable, "-c", ARCHIVER, address, folder])
+    archiver = subprocess.Popen([sys.executable, "-c", ARCHIVER, address, folder], cwd=folder)
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
     prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")

@@ -25,6 +25,12 @@ class GlobalCache:
         self.capacity = capacity
         self.offset = mx.array(0, mx.int32)  # slots written so far
 
+    @classmethod
+    def from_state(cls, keys: mx.array, values: mx.array, offset: mx.array, capacity: int) -> "GlobalCache":
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.offset, cache.capacity = keys, values, offset, capacity
+        return cache
+
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Stores ``[B, kvh, L, D]`` new keys/values; returns the whole buffers and their slots."""
         start = mx.reshape(self.offset, (1,))
@@ -46,6 +52,13 @@ class SlidingCache:
         self.keys = mx.zeros((batch, kv_heads, size, head_dim), dtype=dtype)
         self.values = mx.zeros_like(self.keys)
         self.offset = mx.array(0, mx.int32)
+
+    @classmethod
+    def from_state(cls, keys: mx.array, values: mx.array, offset: mx.array, capacity: int) -> "SlidingCache":
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.offset, cache.capacity = keys, values, offset, capacity
+        cache.size = keys.shape[2]
+        return cache
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Stores new keys/values. A multi-token update (the prompt) must come first.

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import secrets
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from .cache import GlobalCache, SlidingCache
 from .capture import NO_CAPTURE, Capture
 from .errors import ConfigError
 from .model import Gemma3
@@ -135,31 +137,43 @@ def generate(
 
 
 class DecodeStep:
-    """One decode step (a token per row) over the fixed-shape caches, compiled once for a capture set.
+    """One decode step (a token per row) over the fixed-shape caches, compiled once per model and capture set.
 
     The caches' arrays and write offsets go in and come out as the step's
-    state, so the compiled graph is pure; captured values come out with the logits.
+    state, so the compiled graph is pure and serves every batch of the same
+    shape; captured values come out with the logits.
     """
+
+    _functions: dict = {}
 
     def __init__(self, model: Gemma3, cache: list, names: frozenset[str], compiled: bool = True):
         self.cache = cache
-
-        def step(state, tokens, pad):
-            for layer_cache, (keys, values, offset) in zip(cache, state):
-                layer_cache.keys, layer_cache.values, layer_cache.offset = keys, values, offset
-            cap = Capture(names) if names else NO_CAPTURE
-            logits = model(tokens, pad, cache, cap, last_only=True)[:, -1]
-            return logits, [(c.keys, c.values, c.offset) for c in cache], cap.take()
-
-        self._step = mx.compile(step) if compiled else step
+        self._slots = mx.arange(cache[0].capacity)  # its length tells the traced step the capacity
+        key = (id(model), names, compiled)
+        if key not in DecodeStep._functions:
+            DecodeStep._functions[key] = _decode_function(model, names, compiled)
+            weakref.finalize(model, DecodeStep._functions.pop, key, None)
+        self._step = DecodeStep._functions[key]
 
     def __call__(self, tokens: mx.array, pad: mx.array) -> tuple[mx.array, dict[str, mx.array]]:
         """Logits ``[B, V]`` for tokens ``[B, 1]``, and the captured values."""
         state = [(c.keys, c.values, c.offset) for c in self.cache]
-        logits, state, values = self._step(state, tokens, pad)
+        logits, state, values = self._step(state, tokens, pad, self._slots)
         for layer_cache, (keys, values_, offset) in zip(self.cache, state):
             layer_cache.keys, layer_cache.values, layer_cache.offset = keys, values_, offset
         return logits, values
+
+
+def _decode_function(model: Gemma3, names: frozenset[str], compiled: bool):
+    kinds = [SlidingCache if model.config.is_sliding(i) else GlobalCache for i in range(model.config.num_hidden_layers)]
+
+    def step(state, tokens, pad, slots):
+        cache = [kind.from_state(*arrays, slots.shape[0]) for kind, arrays in zip(kinds, state)]
+        cap = Capture(names) if names else NO_CAPTURE
+        logits = model(tokens, pad, cache, cap, last_only=True)[:, -1]
+        return logits, [(c.keys, c.values, c.offset) for c in cache], cap.take()
+
+    return mx.compile(step) if compiled else step
 
 
 def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig, selection: Selection, batch: int):

@@ -30,26 +30,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        scale = 1.0 + self.weight.astype(mx.float32)
-        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+        # The fast kernel accumulates in float32; (1 + w) is formed in float32, as transformers does.
+        return mx.fast.rms_norm(x, (1.0 + self.weight.astype(mx.float32)).astype(x.dtype), self.eps)
 
 
-def rotary_tables(positions: mx.array, head_dim: int, base: float, scaling: float, dtype: mx.Dtype):
-    """cos/sin tables ``[B, 1, L, D]`` for integer positions ``[B, L]`` (split-half convention)."""
-    inv_freq = 1.0 / (base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
-    angles = (positions.astype(mx.float32) / scaling)[..., None] * inv_freq  # (B, L, D/2)
-    angles = mx.concatenate([angles, angles], axis=-1)[:, None]
-    return mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+class Rotary:
+    """Split-half rotary embedding (``rotate_half`` pairs i with i + D/2) from per-row start positions."""
 
+    def __init__(self, head_dim: int, base: float, scaling: float):
+        self.head_dim, self.base, self.scale = head_dim, base, 1.0 / scaling
 
-def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
-def gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    def __call__(self, x: mx.array, start: mx.array) -> mx.array:
+        """``x`` ``[B, heads, L, D]``; row b's positions are ``start[b] + 0..L-1``."""
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.base, scale=self.scale, offset=start)
 
 
 class Attention(nn.Module):
@@ -80,8 +73,9 @@ class Attention(nn.Module):
         queries = cap(p + "q_norm_out", self.q_norm(queries)).transpose(0, 2, 1, 3)  # (B, H, L, D)
         keys = cap(p + "k_norm_out", self.k_norm(keys)).transpose(0, 2, 1, 3)  # (B, G, L, D)
         values = values.transpose(0, 2, 1, 3)
-        queries = cap.heads(p + "queries_rope", apply_rotary(queries, *rotary))
-        keys = cap.heads(p + "keys_rope", apply_rotary(keys, *rotary))
+        rope, start = rotary
+        queries = cap.heads(p + "queries_rope", rope(queries, start))
+        keys = cap.heads(p + "keys_rope", rope(keys, start))
         slots = mx.arange(L)
         if cache is not None:
             keys, values, slots = cache.update(keys, values)
@@ -120,7 +114,7 @@ class MLP(nn.Module):
         p = self.p
         gate = cap(p + "gate_proj_out", self.gate_proj(x))
         up = cap(p + "up_proj_out", self.up_proj(x))
-        hidden = cap(p + "hidden", cap(p + "act_out", gelu_tanh(gate)) * up)
+        hidden = cap(p + "hidden", cap(p + "act_out", nn.gelu_approx(gate)) * up)  # tanh-approximated gelu
         return cap(p + "down_proj_out", self.down_proj(hidden))
 
 
@@ -166,6 +160,8 @@ class Gemma3(nn.Module):
         super().__init__()
         self.config = config
         self.model = Gemma3Model(config)
+        self.local_rope = Rotary(config.head_dim, config.rope_local_base_freq, 1.0)  # sliding layers: never scaled
+        self.global_rope = Rotary(config.head_dim, config.rope_theta, config.rope_scaling_factor)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -201,16 +197,12 @@ class Gemma3(nn.Module):
         offset = cache[0].offset if cache else 0
         query_slots = offset + mx.arange(L)
         total = cache[0].capacity if cache else L  # key slots an attention capture covers
-        positions = mx.maximum(query_slots[None] - pad[:, None], 0)  # (B, L)
+        start = offset - pad  # (B,) position of each row's first new token (negative inside padding)
 
         h = cap("model.embed_tokens_out", self.model.embed_tokens(ids))
         h = cap("model.embed_scaled", h * mx.array(math.sqrt(c.hidden_size), mx.float32).astype(h.dtype))
 
-        dtype = h.dtype
-        rotary = {
-            True: rotary_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, dtype),
-            False: rotary_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling_factor, dtype),
-        }
+        rotary = {True: (self.local_rope, start), False: (self.global_rope, start)}
         masks = {}
 
         def mask_maker(sliding):
