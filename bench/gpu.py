@@ -120,17 +120,20 @@ def run_mlx_lm(weights, batch, new_tokens):
     model.load_weights([(k, v) for k, v in weights.items()], strict=False)
     model.sanitize({})
     rows = prompts_for(batch)
-    list(zip(range(4), generate_step(mx.array(rows[0]), model, max_tokens=4)))  # warm-up
-    started = time.perf_counter()
-    if batch == 1:
-        count = sum(1 for _ in zip(range(new_tokens), generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)))
-    else:
-        from types import SimpleNamespace
+    from types import SimpleNamespace
 
-        tokenizer = SimpleNamespace(eos_token_ids=set(), decode=lambda ids: "")
-        response = batch_generate(model, tokenizer, rows, max_tokens=new_tokens, return_token_ids=True)
-        count = sum(len(ids) for ids in response.token_ids)
-    return count / (time.perf_counter() - started)
+    tokenizer = SimpleNamespace(eos_token_ids=set(), decode=lambda ids: "")
+    rate = 0.0
+    for _ in range(2):  # the first run warms up (kernels for these shapes); the second is timed
+        started = time.perf_counter()
+        if batch == 1:
+            steps = generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)
+            count = sum(1 for _ in zip(range(new_tokens), steps))
+        else:
+            response = batch_generate(model, tokenizer, rows, max_tokens=new_tokens, return_token_ids=True)
+            count = sum(len(ids) for ids in response.token_ids)
+        rate = count / (time.perf_counter() - started)
+    return rate
 
 
 def decode_breakdown(model, batch=1, steps=30):
@@ -194,7 +197,7 @@ def check_compiled_equals_eager(model):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--capture-tokens", type=int, default=32)
+    parser.add_argument("--capture-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16,64")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
@@ -206,16 +209,18 @@ def main():
     print(f"compiled vs eager: greedy tokens identical {same}; logits relative difference {rel:.2e}", flush=True)
     bytes_per_token = sum(v.nbytes for v in weights.values())
     for batch in (1, 64):
+        decode_breakdown(model, batch)  # warm-up
         parts = decode_breakdown(model, batch)
         print(f"batch {batch} ms per decode step: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
     rows = []
     for batch in map(int, args.batches.split(",")):
-        run_plain(model, batch, 4)  # warm-up and compile
+        run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
         plain, _ = run_plain(model, batch, args.new_tokens)
         mx.reset_peak_memory()
         run_plain(model, batch, args.new_tokens)
         peak = mx.get_peak_memory() / 1e9
         mlx_lm_rate = run_mlx_lm(weights, batch, args.new_tokens)
+        run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
         resid, resid_bus = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
         everything, all_bus = run_captured(model, batch, args.capture_tokens, ["*"], ["*.attn_scores", "*.attn_weights"])
         rows.append((batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, peak))

@@ -26,6 +26,9 @@ from .selection import NO_SELECTION, Selection, select
 from .tokenizer import Tokenizer
 
 
+CAPACITY_STEP = 128
+
+
 @dataclass
 class GenerationResult:
     """One prompt's outcome. ``tokens`` are the generated ids, stop token excluded."""
@@ -183,7 +186,8 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     ids, pad = tokenizer.pad_batch(rows)
     B, width = ids.shape
     vocab = model.config.vocab_size
-    cache = model.make_cache(B, width + config.max_tokens)
+    # Capacity rounded up to a multiple of 128: batches of similar lengths share one compiled decode step.
+    cache = model.make_cache(B, -(-(width + config.max_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
     seen = np.zeros((B, vocab), dtype=bool)
     for r, row in enumerate(rows):
         seen[r, [t for t in row if t < vocab]] = True

@@ -38,14 +38,25 @@ def step_file(step: int, batch: int) -> str:
     return f"activations_step_{step}_batch_{batch}.npz"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Writes ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
+
+    ``sync=False`` leaves the flush to disk to a later ``sync_files`` (one per batch, not per step).
+    """
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(partial, path)
+
+
+def sync_files(paths: Iterable[Path]) -> None:
+    """Forces written files to disk before an index that lists them is written."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 class NpzArchiver(Subscriber):
@@ -100,7 +111,7 @@ class NpzArchiver(Subscriber):
         }
         buffer = io.BytesIO()
         (np.savez_compressed if self.compress else np.savez)(buffer, **arrays)
-        write_atomic(self.directory / step_file(body["step"], body["batch"]), buffer.getvalue())
+        write_atomic(self.directory / step_file(body["step"], body["batch"]), buffer.getvalue(), sync=False)
         self.files_written += 1
         batch = self.index["batches"].setdefault(str(body["batch"]), {"prompts": slot["prompts"], "files": []})
         batch.setdefault("open_files", []).append(step_file(body["step"], body["batch"]))
@@ -115,6 +126,7 @@ class NpzArchiver(Subscriber):
             del self.index["batches"][str(body["batch"])]  # incomplete: --resume regenerates these prompts
             return
         batch["files"], batch["steps"] = files, body["steps"]
+        sync_files(self.directory / f for f in files)
         self._write_index()
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
