@@ -123,9 +123,9 @@ class Publisher:
 
     # engine side -------------------------------------------------------------
 
-    def start(self, run_info: dict[str, Any]) -> None:
+    def start(self, run_info: dict[str, Any], should_stop=lambda: False) -> None:
         """Waits for the expected sinks, then publishes ``run.start`` and starts sending."""
-        self._wait_for_sinks()
+        self._wait_for_sinks(should_stop)
         self._thread.start()
         self._put(("json", "run.start", "run_start", {**run_info, "run": self.run_id}))
 
@@ -171,12 +171,15 @@ class Publisher:
             raise PublisherError(f"publishing failed: {self._error}") from self._error
         self._queue.put(item)
 
-    def _wait_for_sinks(self) -> None:
+    def _wait_for_sinks(self, should_stop) -> None:
         if self._reliable is None or (self.expect <= 0 and not self.expect_names):
             return
         deadline = time.monotonic() + self.sync_timeout
         while len(self.sinks) < self.expect or not self.expect_names <= self.sinks:
             remaining = deadline - time.monotonic()
+            if should_stop():
+                self.close()
+                raise PublisherError("stopped while waiting for the sinks; nothing was published")
             if remaining <= 0:
                 absent = sorted(self.expect_names - self.sinks)
                 message = (

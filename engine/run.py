@@ -59,7 +59,7 @@ def publish_run(
     stats_every: float = 1.0,
 ) -> tuple[list[GenerationResult], dict[str, Any]]:
     """Runs generation, publishing as it goes. Returns the results and the ``run.end`` totals."""
-    publisher.start(info)
+    publisher.start(info, should_stop)
     results: list[GenerationResult] = []
     started = last_stats = time.perf_counter()
     tokens = frames = 0

@@ -209,10 +209,15 @@ def child(proc, words):
 
 
 SLOW = '''
-import time
+import os, time
 from gemmalens.sinks.npz import NpzArchiver
 
 class SlowDisk(NpzArchiver):
+    """A second archiver whose every write takes 10 ms longer."""
+
+    def __init__(self, connect, **kwargs):
+        super().__init__(connect, os.environ["SLOW_DISK_DIR"], **kwargs)
+
     def on_tokens(self, frame):
         time.sleep(0.01)
         super().on_tokens(frame)
@@ -224,7 +229,8 @@ def test_fault_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_folder, re
     out = tmp_path / "run"
     if fault == "slow sink":
         (tmp_path / "slowdisk.py").write_text(SLOW)
-        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "SLOW_DISK_DIR": str(tmp_path / "slow")}
         proc = start_run(tiny_folder, out, "--attach", "slowdisk:SlowDisk", env=env)
         assert proc.wait(300) == 0, proc.communicate()[1]
     else:
@@ -238,6 +244,9 @@ def test_fault_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_folder, re
     resumed = run_cli("run", "--model", tiny_folder, *RUN, "--output-dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_outputs(out, reference)
+    if fault == "slow sink":
+        slow = load_json(tmp_path / "slow" / "activations_index.json")
+        assert slow["tokens"] == load_json(reference / "activations" / "activations_index.json")["tokens"]
 
 
 def test_a_cut_link_that_comes_back_loses_nothing(tmp_path, tiny_folder, reference, two_hosts):
