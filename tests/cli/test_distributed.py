@@ -262,6 +262,4 @@ def test_a_cut_link_that_comes_back_loses_nothing(tmp_path, tiny_folder, referen
     netns(two_hosts["engine"], "ip", "link", "set", two_hosts["engine_link"], "up")
     assert engine.wait(300) == 0, engine.communicate()[1]
     assert all(s.wait(60) == 0 for s in sinks)
-    resumed = run_cli("run", "--model", tiny_folder, *RUN, "--output-dir", out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_outputs(out, reference)
+    assert_same_outputs(out, reference)  # complete as it is: TCP kept the connection, back-pressure held the engine
