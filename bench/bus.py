@@ -20,7 +20,7 @@ import lz4.block
 import mlx.core as mx
 import numpy as np
 
-from gemmalens.engine.frames import encode_array, shuffle
+from gemmalens.engine.frames import shuffle
 from gemmalens.engine.generation import ActivationEvent
 from gemmalens.engine.publisher import Publisher
 from gemmalens.sinks.base import Subscriber

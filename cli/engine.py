@@ -18,7 +18,7 @@ from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.security import CurveServer, check_exposure
 from gemmalens.engine.selection import NO_SELECTION, select
 
-from .options import generation_options, reports_errors
+from .options import generation_options, reports_errors, require_pair
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -81,11 +81,7 @@ def engine(**o):
     stop = {}
     for sig in EXIT_ON_SIGNAL:
         signal.signal(sig, lambda number, frame: stop.setdefault("signal", number))
-    curve = None
-    if o["curve_secret"] or o["curve_allow"]:
-        if not (o["curve_secret"] and o["curve_allow"]):
-            raise click.UsageError("--curve-secret and --curve-allow go together")
-        curve = CurveServer(o["curve_secret"], o["curve_allow"])
+    curve = CurveServer(o["curve_secret"], o["curve_allow"]) if require_pair(o, "curve_secret", "curve_allow") else None
     check_exposure(list(o["bind"]) + list(o["lossy_bind"]), curve, o["insecure"])
     prompts = prompt_set(o["prompts_file"], o["category"])
     share = my_share(prompts, o["shard"], o["skip_file"])

@@ -17,12 +17,12 @@ from pathlib import Path
 import click
 
 from gemmalens import __version__
-from gemmalens.engine.prompts import PromptFileError, by_category, load_prompts, parse_prompts, sample_prompts
-from gemmalens.sinks.npz import INDEX
+from gemmalens.engine.prompts import by_category, load_prompts, parse_prompts, sample_prompts
+from gemmalens.sinks.npz import INDEX, Activations
 from gemmalens.sinks.results import METADATA, RESULTS, RESULTS_LINES, SUMMARY, read_result_lines
 
 from .engine import engine
-from .options import generation_options, reports_errors
+from .options import generation_options, reports_errors, require_pair
 from .sinks import attach, keys, sink
 
 # Flags of `run` forwarded as they are to `gemmalens engine`.
@@ -100,11 +100,7 @@ def _resume_state(out: Path, acts: Path | None, settings: dict) -> tuple[dict, l
         )
     done = set(read_result_lines(out / RESULTS_LINES))
     if acts is not None and settings.get("save_activations"):
-        index_path = acts / INDEX
-        archived = set()
-        if index_path.exists():
-            archived = {p for b in json.loads(index_path.read_text())["batches"].values() for p in b["prompts"]}
-        done &= archived
+        done &= set(Activations(acts).prompts) if (acts / INDEX).exists() else set()
     return settings, sorted(done)
 
 
@@ -118,10 +114,8 @@ def _spawn(args: list[str]) -> subprocess.Popen:
 
 def _local_keys(o: dict, tmp: Path) -> tuple[list[str], list[str]]:
     """Engine and local-sink CURVE arguments: the local sinks get a key of their own for this run."""
-    if not (o["curve_secret"] or o["curve_allow"]):
+    if not require_pair(o, "curve_secret", "curve_allow"):
         return (["--insecure"] if o["insecure"] else []), []
-    if not (o["curve_secret"] and o["curve_allow"]):
-        raise click.UsageError("--curve-secret and --curve-allow go together")
     from gemmalens.engine.security import create_keys
 
     allowed = tmp / "allowed"
@@ -173,17 +167,15 @@ def _supervise(engines: list[subprocess.Popen], sinks: list[subprocess.Popen]) -
 def _check_model_and_capture(o: dict) -> None:
     """Fails before anything is launched or replaced: the model must resolve and the patterns match."""
     from gemmalens.engine.config import config_from_hf
-    from gemmalens.engine.loading import resolve
+    from gemmalens.engine.loading import read_config_json, resolve
+    from gemmalens.engine.security import check_exposure
     from gemmalens.engine.selection import select
 
-    folder = resolve(o["model"])
-    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    config = config_from_hf(read_config_json(resolve(o["model"])))
     if o["model"] is not None and Path(o["model"]).expanduser().exists():
         o["model"] = str(Path(o["model"]).expanduser().resolve())
     select(config, list(o["capture"]), list(o["exclude"]), o["layers"], o["positions"])
-    from gemmalens.engine.security import check_exposure
-
-    curve = o["curve_secret"] if o["curve_secret"] and o["curve_allow"] else None
+    curve = o["curve_secret"] if require_pair(o, "curve_secret", "curve_allow") else None
     check_exposure([a for a in (o["bind"], o["lossy_bind"]) if a], curve, o["insecure"])
 
 
@@ -245,9 +237,7 @@ def _report(out: Path, acts: Path | None, code: int, received) -> int:
             code = 1
     else:
         click.echo(f"no summary was written in {out}: the engine failed before the run started (exit {code})", err=True)
-    if received is not None:
-        return 128 + int(received)
-    return code if code else 0
+    return 128 + int(received) if received is not None else code
 
 
 @cli.command()
@@ -319,11 +309,10 @@ def names(pattern, model, verbose):
     import fnmatch
 
     from gemmalens.engine.config import config_from_hf
-    from gemmalens.engine.loading import resolve
+    from gemmalens.engine.loading import read_config_json, resolve
     from gemmalens.engine.selection import catalogue
 
-    folder = resolve(model)
-    config = config_from_hf(json.loads((folder / "config.json").read_text()))
+    config = config_from_hf(read_config_json(resolve(model)))
     sizes = {"E": config.hidden_size, "F": config.intermediate_size, "H": config.num_attention_heads,
              "G": config.num_key_value_heads, "D": config.head_dim, "V": config.vocab_size}
     rows = [(n, s, m) for n, s, m in catalogue(config) if pattern is None or fnmatch.fnmatchcase(n, pattern)]

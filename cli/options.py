@@ -49,6 +49,15 @@ def generation_options(command):
     return command
 
 
+def require_pair(options: dict, first: str, second: str) -> bool:
+    """True when both options are given, False when neither; one without the other is a usage error."""
+    given = bool(options.get(first)), bool(options.get(second))
+    if given[0] != given[1]:
+        flags = (f"--{first.replace('_', '-')}", f"--{second.replace('_', '-')}")
+        raise click.UsageError(f"{flags[0]} and {flags[1]} go together")
+    return given[0]
+
+
 def reports_errors(command):
     """Turns user-facing errors into one paragraph and an exit code (2: usage, 1: failure)."""
 

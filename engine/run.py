@@ -37,8 +37,7 @@ def run_info(model: Gemma3, config: GenerationConfig, selection: Selection, prom
     return {
         "model": {**getattr(model, "source", {}), "config": model.config.to_dict(), "dtype": str(model.dtype)},
         "generation": {**asdict(config), "sampling": asdict(config.sampling)},
-        "capture": {"names": sorted(selection.model_names), "sample_patterns": list(selection.sample_patterns),
-                    "exclude": list(selection.exclude), "positions": selection.positions},
+        "capture": selection.to_dict(),
         "prompts": [p.to_dict() for p in prompts],
         "versions": {"gemmalens": __version__, "mlx": mx.__version__, "python": platform.python_version()},
         "device": str(mx.default_device()),
@@ -80,9 +79,7 @@ def publish_run(
             now = time.perf_counter()
             if now - last_stats >= stats_every:
                 last_stats = now
-                publisher.stats({"prompts_done": len(results), "prompts_total": len(prompts), "tokens": tokens,
-                                 "frames": frames, "seconds": now - started,
-                                 "tokens_per_second": tokens / (now - started)})
+                publisher.stats({**_totals(results, prompts, started, tokens), "frames": frames})
     except BaseException as error:
         publisher.finish(False, f"failed: {type(error).__name__}: {error}", _totals(results, prompts, started, tokens))
         raise

@@ -76,6 +76,11 @@ def catalogue(config: Gemma3Config) -> list[tuple[str, str, str]]:
     return out
 
 
+def is_attention(name: str) -> bool:
+    """Attention scores and weights are laid out ``[batch, heads, seq, keys]``, not ``[batch, seq, ...]``."""
+    return name.endswith(("attn_scores", "attn_weights"))
+
+
 def _layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
@@ -109,6 +114,16 @@ class Selection:
 
     def __bool__(self) -> bool:
         return bool(self.model_names or self.sample_patterns)
+
+    def to_dict(self) -> dict:
+        """The selection as ``run.start`` carries it (``from_dict`` reads it back)."""
+        return {"names": sorted(self.model_names), "sample_patterns": list(self.sample_patterns),
+                "exclude": list(self.exclude), "positions": self.positions}
+
+    @classmethod
+    def from_dict(cls, body: dict) -> "Selection":
+        return cls(frozenset(body.get("names", [])), tuple(body.get("sample_patterns", [])),
+                   tuple(body.get("exclude", [])), body.get("positions", "all"))
 
     def names_for_step(self, step: int) -> set[str]:
         """Concrete names to capture at one step (model points plus that step's sampling points)."""

@@ -24,7 +24,7 @@ import zmq
 
 from gemmalens.engine.frames import Frame, decode
 
-ALWAYS = ("run.start", "run.end")
+CONTROL = ("run.start", "run.end", "stats", "batch.end")  # every subscriber receives these
 
 
 class SinkError(RuntimeError):
@@ -35,6 +35,7 @@ class Subscriber:
     """Receives one run from an engine's reliable (default) or lossy endpoint."""
 
     topics: tuple[str, ...] = ("",)  # topic prefixes; "" is everything
+    reliable = True  # subscribers of the lossy endpoint set False
 
     def __init__(self, connect: str | list[str], name: str | None = None, topics=None, context=None, curve=None,
                  bfloat16_as: str = "float32"):
@@ -49,7 +50,7 @@ class Subscriber:
             curve.connect(self.socket)
         for address in [connect] if isinstance(connect, str) else connect:
             self.socket.connect(address)
-        prefixes = ALWAYS + ("stats", "batch.end") + self.topics if "" not in self.topics else ("",)
+        prefixes = CONTROL + self.topics if "" not in self.topics else ("",)
         for prefix in prefixes:
             self.socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         self.socket.setsockopt(zmq.SUBSCRIBE, f"hello.{self.name}".encode())  # last: tells the engine we are in
@@ -60,8 +61,6 @@ class Subscriber:
         self.ends: dict[str, dict[str, Any]] = {}  # run.end per engine
         self.summary: dict[str, Any] | None = None
         self.aborted: str | None = None
-
-    reliable = True
 
     # override these ----------------------------------------------------------
 
@@ -78,9 +77,6 @@ class Subscriber:
     def on_stats(self, stats: dict[str, Any]) -> None: ...
 
     def on_run_end(self, summary: dict[str, Any]) -> None: ...
-
-    def on_gap(self, topic: str) -> None:
-        """Called when a message of ``topic`` went missing (the base class records it in ``gaps``)."""
 
     # machinery ---------------------------------------------------------------
 
@@ -102,7 +98,7 @@ class Subscriber:
         return out
 
     def _wants(self, topic: str) -> bool:
-        return topic in ALWAYS or topic in ("stats", "batch.end") or any(topic.startswith(p) for p in self.topics)
+        return topic in CONTROL or any(topic.startswith(p) for p in self.topics)
 
     def run(self, timeout: float | None = None, idle_timeout: float | None = None) -> bool:
         """Receives until ``run.end``; returns ``self.complete``.
@@ -137,7 +133,6 @@ class Subscriber:
         expected = self.expected_seq.get(key, 0)
         if seq != expected:
             self.gaps.append(f"{topic}: expected seq {expected}, got {seq}")
-            self.on_gap(topic)
         self.expected_seq[key] = seq + 1
         self.received[key] = self.received.get(key, 0) + 1
         kind = frame.header.get("kind")

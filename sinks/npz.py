@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from gemmalens.engine.selection import Selection
+from gemmalens.engine.selection import Selection, is_attention
 
 from .base import Subscriber
 
@@ -68,14 +68,12 @@ class NpzArchiver(Subscriber):
         super().__init__(connect, **kwargs)
         self.directory = Path(directory)
         self.compress = compress
-        self.pending: dict[tuple[int, int], dict[str, Any]] = {}
-        self.index: dict[str, Any] = {"batches": {}, "tokens": {}}
-        self.files_written = 0
+        self.pending: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, step) -> frames received so far
+        self.open: dict[int, dict[str, Any]] = {}  # batches still generating: files, tokens, damaged
+        self.index: dict[str, Any] = {"batches": {}, "tokens": {}}  # finished batches only
 
     def on_run_start(self, info: dict[str, Any]) -> None:
-        capture = info.get("capture") or {}
-        self.selection = Selection(frozenset(capture.get("names", [])), tuple(capture.get("sample_patterns", [])),
-                                   tuple(capture.get("exclude", [])), capture.get("positions", "all"))
+        self.selection = Selection.from_dict(info.get("capture") or {})
         self.directory.mkdir(parents=True, exist_ok=True)
         index_path = self.directory / INDEX
         if index_path.exists():
@@ -97,8 +95,9 @@ class NpzArchiver(Subscriber):
         body = frame.body
         key = (body["batch"], body["step"])
         slot = self.pending.pop(key, None)
+        batch = self.open.setdefault(body["batch"], {"files": [], "tokens": {}, "damaged": False})
         for prompt, token in zip(body["prompts"], body["tokens"]):
-            self.index["tokens"].setdefault(str(prompt), []).append(token)
+            batch["tokens"].setdefault(str(prompt), []).append(token)
         if slot is None:
             return
         chosen = dict(zip(body["prompts"], body["tokens"]))
@@ -112,33 +111,25 @@ class NpzArchiver(Subscriber):
         buffer = io.BytesIO()
         (np.savez_compressed if self.compress else np.savez)(buffer, **arrays)
         write_atomic(self.directory / step_file(body["step"], body["batch"]), buffer.getvalue(), sync=False)
-        self.files_written += 1
-        batch = self.index["batches"].setdefault(str(body["batch"]), {"prompts": slot["prompts"], "files": []})
-        batch.setdefault("open_files", []).append(step_file(body["step"], body["batch"]))
-        expected = {n for n in self.selection.names_for_step(body["step"])}
-        if expected - set(k for k in slot["arrays"] if not k.endswith(".positions")):
+        batch["files"].append(step_file(body["step"], body["batch"]))
+        if self.selection.names_for_step(body["step"]) - {k for k in slot["arrays"] if not k.endswith(".positions")}:
             batch["damaged"] = True  # a frame of this step was lost on the way
 
     def on_batch_end(self, body: dict[str, Any]) -> None:
-        batch = self.index["batches"].setdefault(str(body["batch"]), {"prompts": body["prompts"], "files": []})
-        files = batch.pop("open_files", [])
-        if batch.pop("damaged", False) or files != [step_file(k, body["batch"]) for k in range(body["steps"])]:
-            del self.index["batches"][str(body["batch"])]  # incomplete: --resume regenerates these prompts
-            return
-        batch["files"], batch["steps"] = files, body["steps"]
-        sync_files(self.directory / f for f in files)
+        batch = self.open.pop(body["batch"], {"files": [], "tokens": {}, "damaged": False})
+        if batch["damaged"] or batch["files"] != [step_file(k, body["batch"]) for k in range(body["steps"])]:
+            return  # incomplete: not indexed, so --resume regenerates these prompts
+        sync_files(self.directory / f for f in batch["files"])
+        self.index["batches"][str(body["batch"])] = {"prompts": body["prompts"], "files": batch["files"],
+                                                     "steps": body["steps"]}
+        self.index["tokens"].update(batch["tokens"])
         self._write_index()
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
-        self.index["batches"] = {b: v for b, v in self.index["batches"].items() if "open_files" not in v}
         self._write_index()
 
     def _write_index(self) -> None:
-        finished = {b: v for b, v in self.index["batches"].items() if "open_files" not in v}
-        done = {str(p) for b in finished.values() for p in b["prompts"]}
-        index = {**self.index, "batches": finished,
-                 "tokens": {p: t for p, t in self.index["tokens"].items() if p in done}}
-        write_atomic(self.directory / INDEX, json.dumps(index).encode())
+        write_atomic(self.directory / INDEX, json.dumps(self.index).encode())
 
 
 class Activations:
@@ -199,7 +190,7 @@ class Activations:
                         if chosen[r] < 0:  # the row had finished: its values here are meaningless
                             continue
                         keep = positions[r] >= 0
-                        if name.endswith(("attn_scores", "attn_weights")):
+                        if is_attention(name):
                             values = np.compress(keep, array[r], axis=1)[..., int(data["pad"][r]):]
                         else:
                             values = np.compress(keep, array[r], axis=0)

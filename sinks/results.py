@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,18 +51,17 @@ class ResultsWriter(Subscriber):
         self.echo = echo
         self.results: dict[int, dict[str, Any]] = {}
         self.prompts: dict[int, dict[str, Any]] = {}
-        self.started = time.time()
         self._lines = None
 
     def on_run_start(self, info: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.prompts = {p["index"]: p for p in info["prompts"]}
-        previous = read_result_lines(self.output_dir / RESULTS_LINES)
-        self.results = {i: r for i, r in previous.items()}
+        self.results = read_result_lines(self.output_dir / RESULTS_LINES)
         metadata_path = self.output_dir / METADATA
         known = json.loads(metadata_path.read_text())["prompts"] if metadata_path.exists() else []
         merged = {p["index"]: p for p in known} | self.prompts
-        dump_json(metadata_path, {"prompts": [merged[i] for i in sorted(merged)], "categories": _categories(merged.values())})
+        dump_json(metadata_path, {"prompts": [merged[i] for i in sorted(merged)],
+                                  "categories": _categories(merged.values())})
         self._lines = open(self.output_dir / RESULTS_LINES, "a", encoding="utf-8")
 
     def on_result(self, result: dict[str, Any]) -> None:
@@ -93,7 +91,7 @@ class ResultsWriter(Subscriber):
         per_category = Counter(r.get("category") or "uncategorized" for r in ordered)
         tokens = sum(len(r["tokens"]) for r in ordered)
         return {
-            "complete": bool(end.get("complete")) and not missing and self.complete_stream(),
+            "complete": bool(end.get("complete")) and not missing and self.complete,
             "engine_complete": bool(end.get("complete")),
             "reason": end.get("reason"),
             "prompts_total": len(expected),
@@ -113,9 +111,6 @@ class ResultsWriter(Subscriber):
             "device": info.get("device"),
             "stream": {"gaps": self.gaps, "missing": self.missing()},
         }
-
-    def complete_stream(self) -> bool:
-        return not self.gaps and not self.missing()
 
 
 def _categories(prompts) -> dict[str, dict[str, int]]:
