@@ -1,9 +1,10 @@
 """GPU benchmark: gemmalens against mlx-lm on Gemma 3 1B shapes (random bf16 weights), one process, one card.
 
 Measures copy bandwidths; gemmalens without capture; gemmalens publishing resid_out of every layer to
-an npz archiver; gemmalens publishing every point except attention (scores and weights); mlx-lm's
-Gemma 3 on the same weights and inputs. Prompt 64 tokens, 128 new tokens, greedy, batch 1, 16, 64.
-Checks first that the compiled decode step and the eager one agree. Prints a table last.
+an npz archiver; gemmalens publishing every point except attention (scores and weights) to a subscriber
+that decodes every frame; the bus's own limit for those frames (the same frames, already on the host,
+sent again); mlx-lm's Gemma 3 on the same weights and inputs. Prompt 64 tokens, 128 new tokens, greedy,
+batch 1, 16, 64. Checks first that the compiled decode step and the eager one agree. Prints a table last.
 
     python bench/gpu.py [--new-tokens 128] [--capture-tokens 32]
 """
@@ -11,6 +12,7 @@ Checks first that the compiled decode step and the eager one agree. Prints a tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -23,13 +25,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemmalens.engine.config import Gemma3Config, layer_pattern
-from gemmalens.engine.generation import GenerationConfig, ResultEvent, generate
+from gemmalens.engine.generation import ActivationEvent, GenerationConfig, ResultEvent, generate
 from gemmalens.engine.model import Gemma3
 from gemmalens.engine.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import publish_run
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
+from gemmalens.engine.transfer import host_copier
 
 ONE_B = Gemma3Config(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
                      num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
@@ -90,23 +93,54 @@ def run_plain(model, batch, new_tokens, compiled=True):
 
 ARCHIVER = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
             "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=False, name='npz')\nsys.exit(0 if sink.run() else 1)")
+COUNTER = ("import sys\nfrom gemmalens.sinks.base import Subscriber\n"
+           "class Counter(Subscriber):\n    topics = ('act.',)\n    def on_activation(self, frame):\n        pass\n"
+           "sink = Counter(sys.argv[1], name='count')\nsink.run(timeout=600)\nsys.exit(0 if sink.complete else 1)")
+ALL_BUT_ATTENTION = (["*"], ["*.attn_scores", "*.attn_weights"])
 
 
-def run_captured(model, batch, new_tokens, patterns, exclude=()):
-    """The engine publishing to an npz archiver in its own process (as `gemmalens run` does)."""
+def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2):
+    """The engine publishing to a sink in its own process (default: an npz archiver, as `gemmalens run` does).
+
+    ``workers``: compression threads. Two suit small frames (resid_out: more threads only fight the engine
+    for the GIL); eight suit every point's hundreds of megabytes per step."""
     folder = tempfile.mkdtemp(prefix="gl-bench-")
     address = f"ipc://{folder}/bus"
-    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=8, queue_size=256)
-    archiver = subprocess.Popen([sys.executable, "-c", ARCHIVER, address, folder], cwd=folder)
+    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
+    archiver = subprocess.Popen([sys.executable, "-c", sink or ARCHIVER, address, folder], cwd=folder)
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
     prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
     started = time.perf_counter()
     results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
-    assert archiver.wait() == 0, "the archiver missed frames"
+    assert archiver.wait() == 0, "the sink missed frames"
     seconds = time.perf_counter() - started
     shutil.rmtree(folder, ignore_errors=True)
     return sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds
+
+
+def bus_limit(model, batch, patterns, exclude, repeats=8):
+    """MB/s of raw activations the bus carries (publisher, lz4, 8 threads, ipc, a decoding subscriber in another
+    process) when the frames are on the host already: one decode step's frames of ``batch``, sent ``repeats`` times."""
+    config = GenerationConfig(max_tokens=2, sampling=GREEDY, batch_size=batch)
+    selection = select(model.config, list(patterns), list(exclude), positions="generated")
+    events = [e for e in generate(model, IdTokenizer(), prompts_for(batch), config, selection)
+              if isinstance(e, ActivationEvent) and e.step == 1]
+    raw = sum(e.host()[0].nbytes for e in events)  # fetched once; every send below reuses the host copies
+    folder = tempfile.mkdtemp(prefix="gl-bench-")
+    address = f"ipc://{folder}/bus"
+    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=8, queue_size=256)
+    counter = subprocess.Popen([sys.executable, "-c", COUNTER, address], cwd=folder)
+    publisher.start({})
+    started = time.perf_counter()
+    for i in range(repeats):
+        for event in events:
+            publisher.publish(dataclasses.replace(event, step=i))
+    publisher.finish(True)
+    assert counter.wait() == 0, "the subscriber missed frames"
+    seconds = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
+    return repeats * raw / seconds
 
 
 def run_mlx_lm(weights, batch, new_tokens):
@@ -161,6 +195,7 @@ def decode_breakdown(model, batch=1, steps=30):
 
 
 def bandwidths():
+    """GB/s: device to device; device to host by ``np.array`` and by the engine's copier (64 MiB, best of 3)."""
     a = mx.random.normal((1 << 28,)).astype(mx.bfloat16)  # 512 MiB
     mx.eval(a)
     b = mx.array(a) + 0
@@ -170,10 +205,18 @@ def bandwidths():
         b = a + 0
         mx.eval(b)
     device = 10 * 2 * a.nbytes / (time.perf_counter() - started) / 1e9
-    started = time.perf_counter()
-    np.array(a.view(mx.uint16))
-    host = a.nbytes / (time.perf_counter() - started) / 1e9
-    return device, host
+    out = {"device": device}
+    for label, copy in (("np.array", np.array), ("copier", host_copier())):
+        best = float("inf")
+        for i in range(3):
+            fresh = (a[: 1 << 25] + i).view(mx.uint16)
+            mx.eval(fresh)
+            started = time.perf_counter()
+            host = copy(fresh)
+            best = min(best, time.perf_counter() - started)
+            assert np.array_equal(host, np.array(fresh)), f"{label} copied wrong values"
+        out[label] = (1 << 26) / best / 1e9
+    return out
 
 
 def check_compiled_equals_eager(model):
@@ -201,8 +244,10 @@ def main():
     parser.add_argument("--batches", default="1,16,64")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
-    device_bw, host_bw = bandwidths()
-    print(f"copy device->device {device_bw:.0f} GB/s, device->host {host_bw:.1f} GB/s", flush=True)
+    copies = bandwidths()
+    device_bw = copies["device"]
+    print(f"copy device->device {device_bw:.0f} GB/s; device->host np.array {copies['np.array']:.1f} GB/s, "
+          f"engine's copier ({type(host_copier()).__name__}) {copies['copier']:.1f} GB/s", flush=True)
     weights = random_weights(ONE_B)
     model = gemmalens_model(ONE_B, weights)
     same, rel = check_compiled_equals_eager(model)
@@ -222,18 +267,22 @@ def main():
         mlx_lm_rate = run_mlx_lm(weights, batch, args.new_tokens)
         run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
         resid, resid_bus = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
-        everything, all_bus = run_captured(model, batch, args.capture_tokens, ["*"], ["*.attn_scores", "*.attn_weights"])
-        rows.append((batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, peak))
+        everything, all_bus = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION, sink=COUNTER,
+                                           workers=8)
+        limit = bus_limit(model, batch, *ALL_BUT_ATTENTION)
+        rows.append((batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, limit, peak))
         print(f"batch {batch}: gemmalens {plain:.0f} tok/s, mlx-lm {mlx_lm_rate:.0f}, resid {resid:.0f} "
-              f"({resid_bus / 1e6:.0f} MB/s), all-but-attention {everything:.0f} ({all_bus / 1e6:.0f} MB/s)", flush=True)
+              f"({resid_bus / 1e6:.0f} MB/s), all-but-attention {everything:.0f} ({all_bus / 1e6:.0f} MB/s; "
+              f"bus limit {limit / 1e6:.0f} MB/s)", flush=True)
     floor = device_bw * 1e9 / bytes_per_token
     print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")
     print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'ratio':>6} {'floor%':>7} {'resid->npz':>11} {'vs own':>7} "
-          f"{'bus MB/s':>9} {'all-but-attn':>13} {'bus MB/s':>9} {'peak GB':>8}")
-    for batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, peak in rows:
+          f"{'bus MB/s':>9} {'all-but-attn':>13} {'bus MB/s':>9} {'limit MB/s':>11} {'of limit':>9} {'peak GB':>8}")
+    for batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, limit, peak in rows:
         print(f"{batch:>5} {plain:>10.0f} {mlx_lm_rate:>8.0f} {plain / mlx_lm_rate:>6.2f} "
               f"{(plain / floor if batch == 1 else float('nan')):>7.1%} {resid:>11.0f} {resid / plain:>7.0%} "
-              f"{resid_bus / 1e6:>9.0f} {everything:>13.0f} {all_bus / 1e6:>9.0f} {peak:>8.1f}")
+              f"{resid_bus / 1e6:>9.0f} {everything:>13.0f} {all_bus / 1e6:>9.0f} {limit / 1e6:>11.0f} "
+              f"{all_bus / limit:>9.0%} {peak:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -90,11 +90,12 @@ def engine(**o):
         max_tokens=o["max_tokens"],
         sampling=SamplingParams(o["temperature"], o["top_p"], o["top_k"], o["repetition_penalty"]),
         seed=o["seed"], batch_size=o["batch_size"], chat=o["chat_mode"], stop=tuple(o["stop"]),
+        capture_dtype=o["wire_dtype"],
     )
     patterns = list(o["capture"]) or (["*"] if o["save_activations"] else [])
     selection = select(model.config, patterns, list(o["exclude"]), o["layers"], o["positions"]) if patterns else NO_SELECTION
     publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],
-                          codec=o["codec"], wire_dtype=o["wire_dtype"], run_id=o["run_id"],
+                          codec=o["codec"], run_id=o["run_id"],
                           sync_timeout=o["sync_timeout"], curve=curve, engine_id=f"{o['shard'][0]}",
                           expect_names=tuple(o["expect_sink"]))
     info = run_info(model, config, selection, prompts, {"engines": o["shard"][1]})

@@ -5,10 +5,10 @@ left-padded batch sequence (the same for all rows). A row with ``pad`` leading
 pad tokens has its token at position ``slot - pad``; slot arithmetic therefore
 equals position arithmetic, and the masks are built from slots.
 
-Shapes never change after creation and the write position is an array, so a
-decode step over these caches compiles once (``mx.compile``) and runs for
-every step. Unwritten or stale columns are hidden by the mask, which compares
-each column's slot with the query's.
+Shapes never change after creation and the write position is an array shared
+by all layers, so a decode step over these caches compiles once
+(``mx.compile``) and runs for every step. Unwritten or stale columns are
+hidden by the mask, which compares each column's slot with the query's.
 """
 
 from __future__ import annotations
@@ -19,66 +19,90 @@ import mlx.core as mx
 class GlobalCache:
     """Keeps every key and value: ``[batch, kv_heads, capacity, head_dim]``; column j is slot j."""
 
-    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: mx.Dtype):
-        self.keys = mx.zeros((batch, kv_heads, capacity, head_dim), dtype=dtype)
-        self.values = mx.zeros_like(self.keys)
-        self.capacity = capacity
-        self.offset = mx.array(0, mx.int32)  # slots written so far
+    sliding = False
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, offset: mx.array, capacity: int) -> "GlobalCache":
-        cache = cls.__new__(cls)
-        cache.keys, cache.values, cache.offset, cache.capacity = keys, values, offset, capacity
-        return cache
+    def empty(cls, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: mx.Dtype) -> "GlobalCache":
+        keys = mx.zeros((batch, kv_heads, capacity, head_dim), dtype=dtype)
+        return cls(keys, mx.zeros_like(keys))
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Stores ``[B, kvh, L, D]`` new keys/values; returns the whole buffers and their slots."""
-        start = mx.reshape(self.offset, (1,))
+    def slots(self, offset: mx.array, length: int) -> mx.array:
+        """The slot of each column attended over once ``length`` tokens are written at ``offset``."""
+        return mx.arange(self.keys.shape[2])
+
+    def update(self, keys: mx.array, values: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
+        """Stores ``[B, kvh, L, D]`` new keys/values at slot ``offset``; returns the whole buffers."""
+        start = mx.reshape(offset, (1,))
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        self.offset = self.offset + keys.shape[2]
-        return self.keys, self.values, mx.arange(self.capacity)
+        return self.keys, self.values
 
 
 class SlidingCache:
     """Keeps the last ``size`` keys in a ring: slot ``s`` lives at column ``s % size``.
 
-    ``size`` is the sliding window, or the run's ``capacity`` (slots in all) when smaller.
+    ``size`` is the sliding window, or the run's capacity (slots in all) when smaller.
     """
 
-    def __init__(self, batch: int, kv_heads: int, window: int, capacity: int, head_dim: int, dtype: mx.Dtype):
-        self.size = size = min(window, capacity)
-        self.capacity = capacity
-        self.keys = mx.zeros((batch, kv_heads, size, head_dim), dtype=dtype)
-        self.values = mx.zeros_like(self.keys)
-        self.offset = mx.array(0, mx.int32)
+    sliding = True
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        self.size = keys.shape[2]
 
     @classmethod
-    def from_state(cls, keys: mx.array, values: mx.array, offset: mx.array, capacity: int) -> "SlidingCache":
-        cache = cls.__new__(cls)
-        cache.keys, cache.values, cache.offset, cache.capacity = keys, values, offset, capacity
-        cache.size = keys.shape[2]
-        return cache
+    def empty(cls, batch: int, kv_heads: int, window: int, capacity: int, head_dim: int,
+              dtype: mx.Dtype) -> "SlidingCache":
+        keys = mx.zeros((batch, kv_heads, min(window, capacity), head_dim), dtype=dtype)
+        return cls(keys, mx.zeros_like(keys))
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Stores new keys/values. A multi-token update (the prompt) must come first.
+    def slots(self, offset: mx.array, length: int) -> mx.array:
+        """A multi-token update (the prompt, which must come first) attends over its own fresh keys,
+        which may outnumber the ring; a single token attends over the ring, whose column ``j`` then
+        holds slot ``offset - ((offset - j) mod size)`` (negative: never written)."""
+        if length > 1:
+            return mx.arange(length)
+        return offset - ((offset - mx.arange(self.size)) % self.size)
 
-        The prompt attends over its own fresh keys (it may be longer than the
-        ring); single-token steps attend over the ring, whose column ``j`` holds
-        slot ``offset - ((offset - j) mod size)`` (negative: never written).
-        """
+    def update(self, keys: mx.array, values: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
+        """Stores new keys/values at slot ``offset``; returns what to attend over (see ``slots``)."""
         length = keys.shape[2]
         if length > 1:
             kept = min(length, self.size)
             columns = mx.arange(length - kept, length) % self.size
             self.keys[:, :, columns] = keys[:, :, length - kept :]
             self.values[:, :, columns] = values[:, :, length - kept :]
-            self.offset = self.offset + length
-            return keys, values, mx.arange(length)
-        current = self.offset
-        column = mx.reshape(current % self.size, (1,))
+            return keys, values
+        column = mx.reshape(offset % self.size, (1,))
         self.keys = mx.slice_update(self.keys, keys, column, axes=(2,))
         self.values = mx.slice_update(self.values, values, column, axes=(2,))
-        self.offset = current + 1
-        slots = current - ((current - mx.arange(self.size)) % self.size)
-        return self.keys, self.values, slots
+        return self.keys, self.values
+
+
+class Cache:
+    """The caches of every layer and the number of slots written so far (one offset for all layers)."""
+
+    def __init__(self, layers: list, offset: mx.array, capacity: int):
+        self.layers, self.offset, self.capacity = layers, offset, capacity
+
+    def __getitem__(self, layer: int):
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def take_state(self) -> tuple[list[tuple[mx.array, mx.array]], mx.array]:
+        """The arrays, handed over: the cache lets go of them so a compiled step can update them in place."""
+        state = [(c.keys, c.values) for c in self.layers], self.offset
+        for c in self.layers:
+            c.keys = c.values = None
+        self.offset = None
+        return state
+
+    def put_state(self, arrays: list[tuple[mx.array, mx.array]], offset: mx.array) -> None:
+        for c, (keys, values) in zip(self.layers, arrays):
+            c.keys, c.values = keys, values
+        self.offset = offset

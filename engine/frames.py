@@ -45,9 +45,10 @@ class Frame:
     body: Any
 
 
-def shuffle(data: bytes, itemsize: int) -> bytes:
+def shuffle(data, itemsize: int) -> bytes:
+    """Byte j of every element, then byte j + 1...: ``data`` is any bytes-like object."""
     if itemsize == 1:
-        return data
+        return bytes(data)
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
@@ -57,13 +58,13 @@ def unshuffle(data: bytes, itemsize: int) -> bytes:
     return np.frombuffer(data, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
-def encode_array(array: np.ndarray, dtype_name: str, codec: str) -> bytes:
-    """Payload bytes of ``array`` (already in its wire dtype) under ``codec``."""
+def encode_array(array: np.ndarray, dtype_name: str, codec: str) -> bytes | memoryview:
+    """Payload bytes of ``array`` (already in its wire dtype) under ``codec``; ``raw`` shares the array's memory."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
-    data = np.ascontiguousarray(array).tobytes()
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     if codec == "raw":
-        return data
+        return data.data
     if codec == "lz4+shuffle":
         data = shuffle(data, array.dtype.itemsize)
     return lz4.block.compress(data, store_size=True)
@@ -82,19 +83,19 @@ def decode_array(payload: bytes, header: dict[str, Any], bfloat16_as: str = "flo
     return array
 
 
-def message(topic: bytes | str, header: dict[str, Any], payload: bytes | Any = b"") -> list[bytes]:
-    """A multipart message; a non-bytes payload is sent as JSON."""
+def message(topic: bytes | str, header: dict[str, Any], payload: bytes | Any = b"") -> list:
+    """A multipart message; a bytes-like payload goes as it is (not copied), anything else as JSON."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         payload = json.dumps(payload).encode()
     topic = topic.encode() if isinstance(topic, str) else topic
-    return [topic, json.dumps(header).encode(), bytes(payload)]
+    return [topic, json.dumps(header).encode(), payload]
 
 
 def decode(parts: list[bytes], bfloat16_as: str = "float32") -> Frame:
-    """Decodes a received multipart message."""
+    """Decodes a received multipart message (the payload may be any bytes-like object, read in place)."""
     topic, header, payload = parts[0].decode(), json.loads(parts[1]), parts[2]
     if header.get("kind") == "activation":
         body = decode_array(payload, header, bfloat16_as)
     else:
-        body = json.loads(payload) if payload else None
+        body = json.loads(bytes(payload)) if len(payload) else None
     return Frame(topic, header, body)

@@ -17,16 +17,18 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import GlobalCache, SlidingCache
+from .cache import Cache, GlobalCache, SlidingCache
 from .capture import NO_CAPTURE, Capture
 from .errors import ConfigError
 from .model import Gemma3
 from .sampling import SamplingParams, sample, step_keys
 from .selection import NO_SELECTION, Selection, is_attention
 from .tokenizer import Tokenizer
+from .transfer import StepValues, host_copier
 
 
 CAPACITY_STEP = 128
+CAPTURE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
 @dataclass
@@ -65,6 +67,8 @@ class GenerationConfig:
     # Decode steps through mx.compile (the prompt pass stays eager). None: on a GPU only; on the CPU
     # compiling costs seconds once and gained nothing measurable (docs/performance.md).
     compiled: bool | None = None
+    # Floating captured values leave the device in this dtype ("float32" or "bfloat16"); None: as computed.
+    capture_dtype: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -75,6 +79,8 @@ class GenerationConfig:
             object.__setattr__(self, "seed", secrets.randbits(31))
         if self.compiled is None:
             object.__setattr__(self, "compiled", mx.default_device() != mx.cpu)
+        if self.capture_dtype not in (None, *CAPTURE_DTYPES):
+            raise ConfigError(f"capture dtype must be one of {', '.join(CAPTURE_DTYPES)}, got {self.capture_dtype!r}")
 
 
 @dataclass
@@ -90,9 +96,10 @@ class StepEvent:
 
 @dataclass
 class ActivationEvent:
-    """A captured value: ``array`` is ``[rows, seq, ...]`` (attention ``[rows, heads, seq, keys]``).
+    """A captured value, ``[rows, seq, ...]`` (attention ``[rows, heads, seq, keys]``), still on the device.
 
-    Rows are every prompt of the batch, finished ones included.
+    Rows are every prompt of the batch, finished ones included. ``host()``
+    brings it over (with the rest of its step, in one copy).
     """
 
     batch: int
@@ -100,8 +107,14 @@ class ActivationEvent:
     name: str
     indices: list[int]
     positions: list[list[int]]  # per row, the sequence position of each seq entry (-1: padding)
-    array: mx.array
+    values: StepValues
     pads: list[int]  # per row, leading pad slots (attention's key axis counts them)
+    trim: tuple = ()  # numpy index keeping the entries published
+
+    def host(self) -> tuple[np.ndarray, str]:
+        """The array on the host, C-contiguous, and its wire dtype name (bfloat16 as uint16 patterns)."""
+        array, dtype = self.values.fetch(self.name)
+        return np.ascontiguousarray(array[self.trim]), dtype
 
 
 @dataclass
@@ -142,16 +155,18 @@ def generate(
 class DecodeStep:
     """One decode step (a token per row) over the fixed-shape caches, compiled once per model and capture set.
 
-    The caches' arrays and write offsets go in and come out as the step's
+    The caches' arrays and write offset go in and come out as the step's
     state, so the compiled graph is pure and serves every batch of the same
-    shape; captured values come out with the logits.
+    shape; the cache lets go of them for the call, so the step updates them in
+    place. Captured values come out with the logits.
     """
 
     _functions: dict = {}
 
-    def __init__(self, model: Gemma3, cache: list, names: frozenset[str], compiled: bool = True):
+    def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool = True):
         self.cache = cache
-        self._slots = mx.arange(cache[0].capacity)  # its length tells the traced step the capacity
+        self._slots = mx.arange(cache.capacity)  # its length tells the traced step the capacity
+        model.keep_norm_scales()
         key = (id(model), names, compiled)
         if key not in DecodeStep._functions:
             DecodeStep._functions[key] = _decode_function(model, names, compiled)
@@ -160,21 +175,19 @@ class DecodeStep:
 
     def __call__(self, tokens: mx.array, pad: mx.array) -> tuple[mx.array, dict[str, mx.array]]:
         """Logits ``[B, V]`` for tokens ``[B, 1]``, and the captured values."""
-        state = [(c.keys, c.values, c.offset) for c in self.cache]
-        logits, state, values = self._step(state, tokens, pad, self._slots)
-        for layer_cache, (keys, values_, offset) in zip(self.cache, state):
-            layer_cache.keys, layer_cache.values, layer_cache.offset = keys, values_, offset
+        logits, arrays, offset, values = self._step(*self.cache.take_state(), tokens, pad, self._slots)
+        self.cache.put_state(arrays, offset)
         return logits, values
 
 
 def _decode_function(model: Gemma3, names: frozenset[str], compiled: bool):
     kinds = [SlidingCache if model.config.is_sliding(i) else GlobalCache for i in range(model.config.num_hidden_layers)]
 
-    def step(state, tokens, pad, slots):
-        cache = [kind.from_state(*arrays, slots.shape[0]) for kind, arrays in zip(kinds, state)]
+    def step(arrays, offset, tokens, pad, slots):
+        cache = Cache([kind(*pair) for kind, pair in zip(kinds, arrays)], offset, slots.shape[0])
         cap = Capture(names) if names else NO_CAPTURE
         logits = model(tokens, pad, cache, cap, last_only=True)[:, -1]
-        return logits, [(c.keys, c.values, c.offset) for c in cache], cap.take()
+        return logits, [(c.keys, c.values) for c in cache.layers], cache.offset, cap.take()
 
     return mx.compile(step) if compiled else step
 
@@ -188,8 +201,9 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     vocab = model.config.vocab_size
     # Capacity rounded up to a multiple of 128: batches of similar lengths share one compiled decode step.
     cache = model.make_cache(B, -(-(width + config.max_tokens) // CAPACITY_STEP) * CAPACITY_STEP)
-    seen = np.zeros((B, vocab), dtype=bool)
-    for r, row in enumerate(rows):
+    penalized = config.sampling.repetition_penalty != 1.0
+    seen = np.zeros((B, vocab if penalized else 1), dtype=bool)  # tokens in each row: only a penalty reads them
+    for r, row in enumerate(rows if penalized else ()):
         seen[r, [t for t in row if t < vocab]] = True
     seen = mx.array(seen)
     pads = pad.tolist()
@@ -199,6 +213,8 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
     prompt_seconds = 0.0
     decode_names = frozenset(n for n in selection.names_for_step(1) if not n.startswith("generate."))
     decode = DecodeStep(model, cache, decode_names, config.compiled)
+    copier = host_copier()
+    capture_dtype = CAPTURE_DTYPES.get(config.capture_dtype)
     wanted = selection.names_for_step(0)
     cap = Capture(wanted) if wanted else NO_CAPTURE
     logits = model(ids, pad, cache, cap, last_only=True)[:, -1]
@@ -208,17 +224,22 @@ def _generate_batch(model, tokenizer, prompts, indices, config: GenerationConfig
         tokens, record = sample(logits, seen, config.sampling, keys)
         captured.update({f"generate.step_{step}.sample.{n}": v[:, None] for n, v in record.items()
                          if f"generate.step_{step}.sample.{n}" in wanted})
-        seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
+        values = StepValues(captured, copier, capture_dtype) if captured else None
+        mx.async_eval(*(values.buffers.values() if values else ()), tokens)
+        if penalized:
+            seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
         if step + 1 < config.max_tokens:
             # Queue the next step on the device before waiting for this one's tokens: the host's
-            # bookkeeping and publishing below overlap with the device's work.
+            # bookkeeping and publishing below overlap with the device's work, and this step's
+            # captured values leave the device (in the publisher's threads) while the next one runs.
             logits, next_captured = decode(tokens[:, None], pad)
-            mx.async_eval(logits, tokens, *next_captured.values())
+            mx.async_eval(logits, *next_captured.values())
         chosen = tokens.tolist()
         if step == 0:
             prompt_seconds = time.perf_counter() - started
-        mx.eval(list(captured.values()))
-        yield from _activation_events(captured, batch, step, indices, pads, width, selection.positions)
+        if values is not None:
+            mx.eval(list(values.buffers.values()))  # done already: queued before the tokens just read
+            yield from _activation_events(values, batch, step, indices, pads, width, selection.positions)
         if step + 1 < config.max_tokens:
             wanted = selection.names_for_step(step + 1)
             captured = next_captured if wanted else {}
@@ -264,21 +285,25 @@ def _result(tokenizer, config, index, prompt, formatted, prompt_ids, generated, 
     )
 
 
-def _activation_events(values, batch, step, indices, pads, width, positions_kept):
+def _activation_events(values: StepValues, batch, step, indices, pads, width, positions_kept):
     """Events for one step's captured values; slot arithmetic turns the seq axis into positions."""
-    for name, array in values.items():
+    for name in values.layout:
+        shape = list(values.shape(name))
         seq_axis = 2 if is_attention(name) else 1
+        trim: tuple = ()
         if seq_axis == 2:
-            array = array[..., : width + step]  # the key slots written so far
+            shape[3] = width + step  # the key slots written so far
+            trim = (Ellipsis, slice(0, shape[3]))
         if name.startswith("generate."):
             first = width + step  # the position of the token being chosen
         else:
             if positions_kept == "last" and step == 0:
-                array = array[:, :, -1:] if seq_axis == 2 else array[:, -1:]
-            first = width + step - array.shape[seq_axis]  # slot of the first entry along seq
-        length = array.shape[seq_axis]
+                trim = (slice(None),) * seq_axis + (slice(shape[seq_axis] - 1, None),) + trim[1:]
+                shape[seq_axis] = 1
+            first = width + step - shape[seq_axis]  # slot of the first entry along seq
+        length = shape[seq_axis]
         positions = [[slot - p if slot >= p else -1 for slot in range(first, first + length)] for p in pads]
-        yield ActivationEvent(batch, step, name, list(indices), positions, array, list(pads))
+        yield ActivationEvent(batch, step, name, list(indices), positions, values, list(pads), trim)
 
 
 def _hit_stop(text: str, stops: Sequence[str]) -> bool:

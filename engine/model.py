@@ -12,11 +12,12 @@ D head_dim, E hidden_size, F intermediate_size, V vocab.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import GlobalCache, SlidingCache
+from .cache import Cache, GlobalCache, SlidingCache
 from .capture import NO_CAPTURE, Capture
 from .config import Gemma3Config
 
@@ -28,10 +29,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = mx.zeros((dims,))
         self.eps = eps
+        object.__setattr__(self, "_kept", None)  # (weight, dtype, scale) from keep_scale; not a parameter
 
     def __call__(self, x: mx.array) -> mx.array:
-        # The fast kernel accumulates in float32; (1 + w) is formed in float32, as transformers does.
-        return mx.fast.rms_norm(x, (1.0 + self.weight.astype(mx.float32)).astype(x.dtype), self.eps)
+        # The fast kernel accumulates in float32.
+        return mx.fast.rms_norm(x, self.scale(x.dtype), self.eps)
+
+    def scale(self, dtype: mx.Dtype) -> mx.array:
+        """``1 + weight`` formed in float32 (as transformers does), in ``dtype``."""
+        kept = self._kept
+        if kept is not None and kept[0] is self.weight and kept[1] == dtype:
+            return kept[2]
+        return (1.0 + self.weight.astype(mx.float32)).astype(dtype)
+
+    def keep_scale(self, dtype: mx.Dtype) -> mx.array:
+        """Forms the scale once for the current weight, so a compiled step reads it instead of recomputing it."""
+        scale = (1.0 + self.weight.astype(mx.float32)).astype(dtype)
+        object.__setattr__(self, "_kept", (self.weight, dtype, scale))
+        return scale
 
 
 class Rotary:
@@ -61,7 +76,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.p = f"{prefix}.self_attn."
 
-    def __call__(self, x, rotary, mask_for, cache, cap: Capture):
+    def __call__(self, x, rotary, view: "KeyView", cache, offset, cap: Capture):
         B, L, _ = x.shape
         p = self.p
         queries = cap(p + "q_proj_out", self.q_proj(x))
@@ -76,28 +91,25 @@ class Attention(nn.Module):
         rope, start = rotary
         queries = cap.heads(p + "queries_rope", rope(queries, start))
         keys = cap.heads(p + "keys_rope", rope(keys, start))
-        slots = mx.arange(L)
         if cache is not None:
-            keys, values, slots = cache.update(keys, values)
-        mask = mask_for(slots)  # (B, 1, L, K) bool
+            keys, values = cache.update(keys, values, offset)
         if cap.wants(p + "attn_scores", p + "attn_weights"):
-            out = self._explicit(queries, keys, values, mask, slots, mask_for.total, cap)
+            out = self._explicit(queries, keys, values, view, cap)
         else:
-            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=view.mask)
         out = cap(p + "attn_out", out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return cap(p + "o_proj_out", self.o_proj(out))
 
-    def _explicit(self, queries, keys, values, mask, slots, total, cap: Capture):
+    def _explicit(self, queries, keys, values, view: "KeyView", cap: Capture):
         """Attention with its scores and weights materialised, for capture."""
         B, H, L, D = queries.shape
         G = self.kv_heads
         grouped = queries.reshape(B, G, H // G, L, D)  # query head h reads kv head h // (H / G)
         scores = (grouped * self.scale) @ keys[:, :, None].swapaxes(-1, -2)
-        scores = scores.reshape(B, H, L, -1).astype(mx.float32)
-        scores = mx.where(mask, scores, -mx.inf)
-        cap.attention(self.p + "attn_scores", scores, slots, total)
+        scores = scores.reshape(B, H, L, -1).astype(mx.float32) + view.mask
+        cap.attention(self.p + "attn_scores", scores, view.slots, view.total)
         weights = mx.softmax(scores, axis=-1).astype(queries.dtype)
-        cap.attention(self.p + "attn_weights", weights, slots, total)
+        cap.attention(self.p + "attn_weights", weights, view.slots, view.total)
         out = weights.reshape(B, G, H // G, L, -1) @ values[:, :, None]
         return out.reshape(B, H, L, D)
 
@@ -131,10 +143,10 @@ class TransformerBlock(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def __call__(self, x, rotary, mask_for, cache, cap: Capture):
+    def __call__(self, x, rotary, view: "KeyView", cache, offset, cap: Capture):
         p = self.p
         h = cap(p + "input_layernorm_out", self.input_layernorm(cap(p + "input_layernorm_in", x)))
-        h = self.self_attn(h, rotary, mask_for, cache, cap)
+        h = self.self_attn(h, rotary, view, cache, offset, cap)
         h = cap(p + "post_attention_layernorm_out", self.post_attention_layernorm(h))
         x = cap(p + "resid_mid", x + h)
         h = cap(p + "pre_feedforward_layernorm_out", self.pre_feedforward_layernorm(x))
@@ -167,21 +179,26 @@ class Gemma3(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.model.norm.weight.dtype
 
-    def make_cache(self, batch: int, capacity: int) -> list:
-        """One cache per layer for ``capacity`` slots (prompt + new tokens)."""
+    def make_cache(self, batch: int, capacity: int) -> Cache:
+        """Empty caches of every layer for ``capacity`` slots (prompt + new tokens)."""
         c, dtype = self.config, self.dtype
-        return [
-            SlidingCache(batch, c.num_key_value_heads, c.sliding_window, capacity, c.head_dim, dtype)
+        layers = [
+            SlidingCache.empty(batch, c.num_key_value_heads, c.sliding_window, capacity, c.head_dim, dtype)
             if c.is_sliding(i)
-            else GlobalCache(batch, c.num_key_value_heads, capacity, c.head_dim, dtype)
+            else GlobalCache.empty(batch, c.num_key_value_heads, capacity, c.head_dim, dtype)
             for i in range(c.num_hidden_layers)
         ]
+        return Cache(layers, mx.array(0, mx.int32), capacity)
+
+    def keep_norm_scales(self) -> None:
+        """Forms every norm's ``1 + weight`` once (they are reformed when weights change); decode steps call it."""
+        mx.eval([m.keep_scale(self.dtype) for _, m in self.named_modules() if isinstance(m, RMSNorm)])
 
     def __call__(
         self,
         ids: mx.array,
         pad: mx.array | None = None,
-        cache: list | None = None,
+        cache: Cache | None = None,
         cap: Capture = NO_CAPTURE,
         last_only: bool = False,
     ) -> mx.array:
@@ -194,35 +211,49 @@ class Gemma3(nn.Module):
         c = self.config
         B, L = ids.shape
         pad = mx.zeros((B,), dtype=mx.int32) if pad is None else pad
-        offset = cache[0].offset if cache else 0
-        query_slots = offset + mx.arange(L)
-        total = cache[0].capacity if cache else L  # key slots an attention capture covers
+        offset = cache.offset if cache is not None else mx.array(0, mx.int32)
         start = offset - pad  # (B,) position of each row's first new token (negative inside padding)
 
         h = cap("model.embed_tokens_out", self.model.embed_tokens(ids))
         h = cap("model.embed_scaled", h * mx.array(math.sqrt(c.hidden_size), mx.float32).astype(h.dtype))
 
         rotary = {True: (self.local_rope, start), False: (self.global_rope, start)}
-        masks = {}
-
-        def mask_maker(sliding):
-            def mask_for(key_slots):
-                key = (sliding, key_slots.shape[0])
-                if key not in masks:
-                    masks[key] = attention_mask(query_slots, key_slots, pad, c.sliding_window if sliding else None)
-                return masks[key]
-
-            mask_for.total = total
-            return mask_for
-
+        total = cache.capacity if cache is not None else L  # key slots an attention capture covers
+        views = {}
         for i, layer in enumerate(self.model.layers):
             sliding = layer.sliding
-            h = layer(h, rotary[sliding], mask_maker(sliding), cache[i] if cache else None, cap)
+            layer_cache = cache[i] if cache is not None else None
+            if sliding not in views:
+                window = c.sliding_window if sliding else None
+                views[sliding] = KeyView.of(offset, L, pad, layer_cache, window, total, h.dtype)
+            h = layer(h, rotary[sliding], views[sliding], layer_cache, offset, cap)
+        if cache is not None:
+            cache.offset = offset + L
 
         if last_only:
             h = h[:, -1:]
         h = cap("model.norm_out", self.model.norm(h))
         return cap("model.logits", self.model.embed_tokens.as_linear(h))
+
+
+@dataclass
+class KeyView:
+    """What the attention of one layer type sees in one forward pass, built once for all its layers.
+
+    ``slots`` ``[K]``: the slot of each key column; ``mask`` ``[B, 1, L, K]``: 0 where a query sees
+    the key, -inf elsewhere (additive: the fused attention kernel is faster with it than with a
+    boolean mask); ``total``: the key slots an attention capture covers.
+    """
+
+    slots: mx.array
+    mask: mx.array
+    total: int
+
+    @classmethod
+    def of(cls, offset, length: int, pad, cache, window: int | None, total: int, dtype: mx.Dtype) -> "KeyView":
+        slots = cache.slots(offset, length) if cache is not None else mx.arange(length)
+        seen = attention_mask(offset + mx.arange(length), slots, pad, window)
+        return cls(slots, mx.where(seen, mx.array(0, dtype), mx.array(-mx.inf, dtype)), total)
 
 
 def attention_mask(query_slots, key_slots, pad, window: int | None) -> mx.array:

@@ -28,8 +28,6 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
 import zmq
 
 from .frames import VERSION, activation_topic, encode_array, message
@@ -42,22 +40,6 @@ class PublisherError(RuntimeError):
     """The bus could not be set up (address in use, sinks that never came)."""
 
 
-WIRE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-
-
-def to_wire(array: mx.array, wire_dtype: str | None) -> tuple[np.ndarray, str]:
-    """An evaluated MLX array as numpy in its wire dtype (bfloat16 as uint16 bit patterns).
-
-    ``wire_dtype`` converts floating arrays; None keeps the compute dtype.
-    """
-    if wire_dtype is not None and mx.issubdtype(array.dtype, mx.floating):
-        array = array.astype(WIRE_DTYPES[wire_dtype])
-    if array.dtype == mx.bfloat16:
-        return np.array(array.view(mx.uint16)), "bfloat16"
-    out = np.array(array)
-    return out, str(out.dtype)
-
-
 class Publisher:
     """Publishes one run's events: ``start``, then ``publish`` each event, then ``finish``."""
 
@@ -67,7 +49,6 @@ class Publisher:
         lossy: str | list[str] | None = None,
         expect: int = 0,
         codec: str = "lz4+shuffle",
-        wire_dtype: str | None = None,
         queue_size: int = 64,
         workers: int = 2,
         context: zmq.Context | None = None,
@@ -83,7 +64,6 @@ class Publisher:
         self.expect_names = set(expect_names)
         self._curve = curve
         self.codec = codec
-        self.wire_dtype = wire_dtype
         self.expect = expect
         self.sync_timeout = sync_timeout
         self.context = context or zmq.Context.instance()
@@ -135,7 +115,6 @@ class Publisher:
     def publish(self, event) -> None:
         """Queues one engine event (blocks only while the queue is full)."""
         if isinstance(event, ActivationEvent):
-            mx.eval(event.array)
             self._put(("array", event))
         elif isinstance(event, StepEvent):
             self._put(("json", "tokens", "tokens", {"batch": event.batch, "step": event.step, "prompts": event.indices,
@@ -239,7 +218,7 @@ class Publisher:
         return message(topic, header, payload)
 
     def _encode(self, event: ActivationEvent):
-        array, dtype = to_wire(event.array, self.wire_dtype)
+        array, dtype = event.host()
         payload = encode_array(array, dtype, self.codec)
         header = {"kind": "activation", "batch": event.batch, "step": event.step, "prompts": event.indices,
                   "positions": event.positions, "pads": event.pads, "name": event.name, "dtype": dtype,
@@ -257,10 +236,10 @@ class Publisher:
         if self._reliable is not None:
             while True:
                 try:
-                    self._reliable.send_multipart(parts, flags=zmq.NOBLOCK)
+                    self._reliable.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
                     break
-                except zmq.Again:  # a reliable sink is behind: wait for it (back-pressure)
-                    if self._reliable.poll(50, zmq.POLLIN):
+                except zmq.Again:  # a reliable sink is behind: wait until it takes more (back-pressure)
+                    if self._reliable.poll(50, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
                         self._read_subscription()
         if self._lossy is not None:
-            self._lossy.send_multipart(parts, flags=zmq.NOBLOCK)  # PUB drops for slow subscribers, never blocks
+            self._lossy.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)  # PUB drops for slow subscribers, never blocks

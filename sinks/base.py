@@ -118,7 +118,9 @@ class Subscriber:
                         f"{self.name}: no message for {wait:.0f} s"
                         + (" before the run started" if self.run_info is None else " in the middle of the run")
                     )
-                self.handle(self.socket.recv_multipart())
+                parts = self.socket.recv_multipart(copy=False)  # the payload is read where zmq received it
+                self.handle([parts[0].bytes, parts[1].bytes, parts[2].buffer] if len(parts) == 3
+                            else [part.bytes for part in parts])
         finally:
             self.close()
         return self.complete
