@@ -19,8 +19,6 @@ import mlx.core as mx
 class GlobalCache:
     """Keeps every key and value: ``[batch, kv_heads, capacity, head_dim]``; column j is slot j."""
 
-    sliding = False
-
     def __init__(self, keys: mx.array, values: mx.array):
         self.keys, self.values = keys, values
 
@@ -46,8 +44,6 @@ class SlidingCache:
 
     ``size`` is the sliding window, or the run's capacity (slots in all) when smaller.
     """
-
-    sliding = True
 
     def __init__(self, keys: mx.array, values: mx.array):
         self.keys, self.values = keys, values
@@ -90,9 +86,6 @@ class Cache:
 
     def __getitem__(self, layer: int):
         return self.layers[layer]
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def take_state(self) -> tuple[list[tuple[mx.array, mx.array]], mx.array]:
         """The arrays, handed over: the cache lets go of them so a compiled step can update them in place."""

@@ -289,21 +289,21 @@ def _activation_events(values: StepValues, batch, step, indices, pads, width, po
     """Events for one step's captured values; slot arithmetic turns the seq axis into positions."""
     for name in values.layout:
         shape = list(values.shape(name))
+        index = [slice(None)] * len(shape)  # what of the captured array is published, axis by axis
         seq_axis = 2 if is_attention(name) else 1
-        trim: tuple = ()
         if seq_axis == 2:
             shape[3] = width + step  # the key slots written so far
-            trim = (Ellipsis, slice(0, shape[3]))
+            index[3] = slice(0, shape[3])
         if name.startswith("generate."):
             first = width + step  # the position of the token being chosen
         else:
             if positions_kept == "last" and step == 0:
-                trim = (slice(None),) * seq_axis + (slice(shape[seq_axis] - 1, None),) + trim[1:]
+                index[seq_axis] = slice(shape[seq_axis] - 1, None)
                 shape[seq_axis] = 1
             first = width + step - shape[seq_axis]  # slot of the first entry along seq
         length = shape[seq_axis]
         positions = [[slot - p if slot >= p else -1 for slot in range(first, first + length)] for p in pads]
-        yield ActivationEvent(batch, step, name, list(indices), positions, values, list(pads), trim)
+        yield ActivationEvent(batch, step, name, list(indices), positions, values, list(pads), tuple(index))
 
 
 def _hit_stop(text: str, stops: Sequence[str]) -> bool:

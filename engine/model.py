@@ -36,17 +36,20 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.scale(x.dtype), self.eps)
 
     def scale(self, dtype: mx.Dtype) -> mx.array:
-        """``1 + weight`` formed in float32 (as transformers does), in ``dtype``."""
+        """``1 + weight`` in ``dtype``: the kept one while the weight is the one it was formed from."""
         kept = self._kept
         if kept is not None and kept[0] is self.weight and kept[1] == dtype:
             return kept[2]
-        return (1.0 + self.weight.astype(mx.float32)).astype(dtype)
+        return self._form(dtype)
 
     def keep_scale(self, dtype: mx.Dtype) -> mx.array:
         """Forms the scale once for the current weight, so a compiled step reads it instead of recomputing it."""
-        scale = (1.0 + self.weight.astype(mx.float32)).astype(dtype)
+        scale = self._form(dtype)
         object.__setattr__(self, "_kept", (self.weight, dtype, scale))
         return scale
+
+    def _form(self, dtype: mx.Dtype) -> mx.array:
+        return (1.0 + self.weight.astype(mx.float32)).astype(dtype)  # formed in float32, as transformers does
 
 
 class Rotary:

@@ -119,8 +119,7 @@ class Subscriber:
                         + (" before the run started" if self.run_info is None else " in the middle of the run")
                     )
                 parts = self.socket.recv_multipart(copy=False)  # the payload is read where zmq received it
-                self.handle([parts[0].bytes, parts[1].bytes, parts[2].buffer] if len(parts) == 3
-                            else [part.bytes for part in parts])
+                self.handle([part.bytes for part in parts[:2]] + [part.buffer for part in parts[2:]])
         finally:
             self.close()
         return self.complete

@@ -124,3 +124,54 @@ def test_attention_capture_at_decode_steps_equals_a_full_forward(tmp_path):
             continue
         q = int(positions[0])
         assert relative_error(weights[:, 0, : q + 1], full[:, q, : q + 1]) < 1e-5
+
+
+def step_events(model, tokenizer, prompts, patterns, positions="all", **config):
+    from gemmalens.engine.generation import ActivationEvent, GenerationConfig, generate
+    from gemmalens.engine.sampling import SamplingParams
+    from gemmalens.engine.selection import select
+
+    config = GenerationConfig(sampling=SamplingParams(0, 1, None, 1), batch_size=len(prompts), **config)
+    selection = select(model.config, patterns, [], positions=positions)
+    return [e for e in generate(model, tokenizer, prompts, config, selection) if isinstance(e, ActivationEvent)]
+
+
+def test_positions_last_publishes_the_prompts_last_entry_and_the_written_keys():
+    model, tokenizer = tiny_generator(seed=6)
+    prompts = ["A longer prompt than the other one, by some words", "Short"]
+    names = ["model.layers.1.resid_out", "model.layers.0.self_attn.attn_weights"]
+    events = [e for e in step_events(model, tokenizer, prompts, names, "last", max_tokens=2) if e.step == 0]
+    rows = [tokenizer.encode(p) for p in prompts]
+    ids, pad = tokenizer.pad_batch(rows)
+    _, full = gemmalens.run_with_capture(model, tokenizer, rows, names)  # the same left-padded batch
+    width = ids.shape[1]
+    for event in events:
+        array, dtype = event.host()
+        expected = np.array(full[event.name])
+        if event.name.endswith("attn_weights"):  # (rows, heads, seq, keys): the last query over every written key
+            assert array.shape == expected[:, :, -1:].shape and array.shape[-1] == width
+            assert relative_error(array, expected[:, :, -1:]) < 1e-5
+        else:
+            assert array.shape == expected[:, -1:].shape
+            assert relative_error(array, expected[:, -1:]) < 1e-5
+        assert event.positions == [[width - 1 - p] for p in pad.tolist()] and dtype == "float32"
+
+
+def test_capture_dtype_bfloat16_publishes_float32_values_rounded_to_bfloat16():
+    model, tokenizer = tiny_generator(seed=7)
+    name = "model.layers.2.mlp.gate_proj_out"
+    plain = step_events(model, tokenizer, ["Some prompt"], [name], max_tokens=3)
+    halved = step_events(model, tokenizer, ["Some prompt"], [name], max_tokens=3, capture_dtype="bfloat16")
+    for full, half in zip(plain, halved):
+        wide, wide_dtype = full.host()
+        bits, dtype = half.host()
+        assert (wide_dtype, dtype) == ("float32", "bfloat16")
+        assert bits.tobytes() == np.array(mx.array(wide).astype(mx.bfloat16).view(mx.uint16)).tobytes()
+
+
+def test_an_unknown_capture_dtype_is_refused_with_the_choices():
+    from gemmalens.engine.errors import ConfigError
+    from gemmalens.engine.generation import GenerationConfig
+
+    with pytest.raises(ConfigError, match="capture dtype must be one of float32, bfloat16, got 'float16'"):
+        GenerationConfig(capture_dtype="float16")
