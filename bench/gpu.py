@@ -1,12 +1,14 @@
 """GPU benchmark: gemmalens against mlx-lm on Gemma 3 1B shapes (random bf16 weights), one process, one card.
 
-Measures copy bandwidths; gemmalens without capture; gemmalens publishing resid_out of every layer to
-an npz archiver; gemmalens publishing every point except attention (scores and weights) to a subscriber
-that decodes every frame; the bus's own limit for those frames (the same frames, already on the host,
-sent again); mlx-lm's Gemma 3 on the same weights and inputs. Prompt 64 tokens, 128 new tokens, greedy,
-batch 1, 16, 64. Checks first that the compiled decode step and the eager one agree. Prints a table last.
+Measures copy bandwidths; gemmalens without capture; gemmalens publishing resid_out of every layer to an
+npz archiver (files stored, then compressed as `gemmalens run` writes them by default); gemmalens publishing
+every point except attention (scores and weights) to a subscriber that decodes every frame; the bus's own
+limit for those frames (the same frames, already on the host, sent again); mlx-lm's Gemma 3 on the same
+weights and inputs. Prompt 64 tokens, 128 new tokens, greedy, batch 1, 16, 64; then 4B shapes at batch 16
+without capture, against mlx-lm. Checks first that the compiled decode step and the eager one agree. Prints
+a table last.
 
-    python bench/gpu.py [--new-tokens 128] [--capture-tokens 32]
+    python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--no-four-b]
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ from gemmalens.engine.transfer import host_copier
 ONE_B = Gemma3Config(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
                      num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512,
                      query_pre_attn_scalar=256.0, max_position_embeddings=32768, layer_types=layer_pattern(26, 6))
+FOUR_B = Gemma3Config(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024,
+                      query_pre_attn_scalar=256.0, max_position_embeddings=131072, rope_scaling_factor=8.0,
+                      layer_types=layer_pattern(34, 6))
 GREEDY = SamplingParams(0.0, 1.0, None, 1.0)
 
 
@@ -92,22 +98,24 @@ def run_plain(model, batch, new_tokens, compiled=True):
 
 
 ARCHIVER = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
-            "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=False, name='npz')\nsys.exit(0 if sink.run() else 1)")
+            "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=sys.argv[3] == 'deflate', name='npz')\n"
+            "sys.exit(0 if sink.run() else 1)")
 COUNTER = ("import sys\nfrom gemmalens.sinks.base import Subscriber\n"
            "class Counter(Subscriber):\n    topics = ('act.',)\n    def on_activation(self, frame):\n        pass\n"
            "sink = Counter(sys.argv[1], name='count')\nsink.run(timeout=600)\nsys.exit(0 if sink.complete else 1)")
 ALL_BUT_ATTENTION = (["*"], ["*.attn_scores", "*.attn_weights"])
 
 
-def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2):
-    """The engine publishing to a sink in its own process (default: an npz archiver, as `gemmalens run` does).
+def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2, storage="stored"):
+    """The engine publishing to a sink in its own process (default: an npz archiver, as `gemmalens run` does,
+    its files ``stored`` or compressed by ``deflate``).
 
     ``workers``: compression threads. Two suit small frames (resid_out: more threads only fight the engine
     for the GIL); eight suit every point's hundreds of megabytes per step."""
     folder = tempfile.mkdtemp(prefix="gl-bench-")
     address = f"ipc://{folder}/bus"
     publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
-    archiver = subprocess.Popen([sys.executable, "-c", sink or ARCHIVER, address, folder], cwd=folder)
+    archiver = subprocess.Popen([sys.executable, "-c", sink or ARCHIVER, address, folder, storage], cwd=folder)
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
     prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
@@ -143,13 +151,17 @@ def bus_limit(model, batch, patterns, exclude, repeats=8):
     return repeats * raw / seconds
 
 
-def run_mlx_lm(weights, batch, new_tokens):
+def run_mlx_lm(config, weights, batch, new_tokens):
     from mlx_lm.generate import batch_generate, generate_step
     from mlx_lm.models.gemma3_text import Model, ModelArgs
 
-    args = ModelArgs(model_type="gemma3_text", hidden_size=1152, num_hidden_layers=26, intermediate_size=6912,
-                     num_attention_heads=4, head_dim=256, rms_norm_eps=1e-6, vocab_size=262144,
-                     num_key_value_heads=1, sliding_window=512, sliding_window_pattern=6)
+    scaling = {"factor": config.rope_scaling_factor, "rope_type": "linear"} if config.rope_scaling_factor != 1 else None
+    args = ModelArgs(model_type="gemma3_text", hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                     intermediate_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,
+                     head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, vocab_size=config.vocab_size,
+                     num_key_value_heads=config.num_key_value_heads, sliding_window=config.sliding_window,
+                     sliding_window_pattern=6, max_position_embeddings=config.max_position_embeddings,
+                     rope_scaling=scaling)
     model = Model(args)
     model.load_weights([(k, v) for k, v in weights.items()], strict=False)
     model.sanitize({})
@@ -242,6 +254,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--capture-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
     copies = bandwidths()
@@ -259,30 +272,44 @@ def main():
         print(f"batch {batch} ms per decode step: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
     rows = []
     for batch in map(int, args.batches.split(",")):
+        row = {"batch": batch}
         run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
-        plain, _ = run_plain(model, batch, args.new_tokens)
+        row["plain"], _ = run_plain(model, batch, args.new_tokens)
         mx.reset_peak_memory()
         run_plain(model, batch, args.new_tokens)
-        peak = mx.get_peak_memory() / 1e9
-        mlx_lm_rate = run_mlx_lm(weights, batch, args.new_tokens)
+        row["peak"] = mx.get_peak_memory() / 1e9
+        row["mlx-lm"] = run_mlx_lm(ONE_B, weights, batch, args.new_tokens)
         run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
-        resid, resid_bus = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
-        everything, all_bus = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION, sink=COUNTER,
-                                           workers=8)
-        limit = bus_limit(model, batch, *ALL_BUT_ATTENTION)
-        rows.append((batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, limit, peak))
-        print(f"batch {batch}: gemmalens {plain:.0f} tok/s, mlx-lm {mlx_lm_rate:.0f}, resid {resid:.0f} "
-              f"({resid_bus / 1e6:.0f} MB/s), all-but-attention {everything:.0f} ({all_bus / 1e6:.0f} MB/s; "
-              f"bus limit {limit / 1e6:.0f} MB/s)", flush=True)
+        row["resid"], row["resid bus"] = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
+        row["deflate"], _ = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
+                                         storage="deflate")
+        row["all"], row["all bus"] = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
+                                                  sink=COUNTER, workers=8)
+        row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
+        rows.append(row)
+        print(f"batch {batch}: gemmalens {row['plain']:.0f} tok/s, mlx-lm {row['mlx-lm']:.0f}, resid {row['resid']:.0f} "
+              f"({row['resid bus'] / 1e6:.0f} MB/s; compressed files {row['deflate']:.0f}), all-but-attention "
+              f"{row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit {row['limit'] / 1e6:.0f} MB/s)", flush=True)
     floor = device_bw * 1e9 / bytes_per_token
     print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")
     print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'ratio':>6} {'floor%':>7} {'resid->npz':>11} {'vs own':>7} "
-          f"{'bus MB/s':>9} {'all-but-attn':>13} {'bus MB/s':>9} {'limit MB/s':>11} {'of limit':>9} {'peak GB':>8}")
-    for batch, plain, mlx_lm_rate, resid, resid_bus, everything, all_bus, limit, peak in rows:
-        print(f"{batch:>5} {plain:>10.0f} {mlx_lm_rate:>8.0f} {plain / mlx_lm_rate:>6.2f} "
-              f"{(plain / floor if batch == 1 else float('nan')):>7.1%} {resid:>11.0f} {resid / plain:>7.0%} "
-              f"{resid_bus / 1e6:>9.0f} {everything:>13.0f} {all_bus / 1e6:>9.0f} {limit / 1e6:>11.0f} "
-              f"{all_bus / limit:>9.0%} {peak:>8.1f}")
+          f"{'bus MB/s':>9} {'deflated':>9} {'vs own':>7} {'all-but-attn':>13} {'bus MB/s':>9} {'limit MB/s':>11} "
+          f"{'of limit':>9} {'peak GB':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['plain']:>10.0f} {r['mlx-lm']:>8.0f} {r['plain'] / r['mlx-lm']:>6.2f} "
+              f"{(r['plain'] / floor if r['batch'] == 1 else float('nan')):>7.1%} {r['resid']:>11.0f} "
+              f"{r['resid'] / r['plain']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
+              f"{r['deflate'] / r['plain']:>7.0%} {r['all']:>13.0f} {r['all bus'] / 1e6:>9.0f} "
+              f"{r['limit'] / 1e6:>11.0f} {r['all bus'] / r['limit']:>9.0%} {r['peak']:>8.1f}")
+    if args.four_b:
+        del model, weights
+        mx.clear_cache()
+        weights = random_weights(FOUR_B)
+        model = gemmalens_model(FOUR_B, weights)
+        run_plain(model, 16, args.new_tokens)
+        plain, _ = run_plain(model, 16, args.new_tokens)
+        theirs = run_mlx_lm(FOUR_B, weights, 16, args.new_tokens)
+        print(f"\n4B shapes, batch 16: gemmalens {plain:.0f} tok/s, mlx-lm {theirs:.0f}, ratio {plain / theirs:.2f}")
 
 
 if __name__ == "__main__":

@@ -79,8 +79,13 @@ def decode_array(payload: bytes, header: dict[str, Any], bfloat16_as: str = "flo
         data = unshuffle(data, dtype.itemsize)
     array = np.frombuffer(data, dtype=dtype).reshape(header["shape"])
     if header["dtype"] == "bfloat16" and bfloat16_as == "float32":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        return bfloat16_to_float32(array)
     return array
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values given as their uint16 patterns, widened to float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def message(topic: bytes | str, header: dict[str, Any], payload: bytes | Any = b"") -> list:

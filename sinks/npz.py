@@ -19,57 +19,77 @@ partial files are removed.
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import zipfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from gemmalens.engine.frames import bfloat16_to_float32
 from gemmalens.engine.selection import Selection, is_attention
 
 from .base import Subscriber
 
 INDEX = "activations_index.json"
+BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
 
 
 def step_file(step: int, batch: int) -> str:
     return f"activations_step_{step}_batch_{batch}.npz"
 
 
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
-
-    ``sync=False`` leaves the flush to disk to a later ``sync_files`` (one per batch, not per step).
-    """
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a synced temporary file and a rename: readers never see half a file."""
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as handle:
         handle.write(data)
-        if sync:
-            handle.flush()
-            os.fsync(handle.fileno())
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(partial, path)
 
 
-def sync_files(paths: Iterable[Path]) -> None:
-    """Forces written files to disk before an index that lists them is written."""
-    for path in paths:
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool, widen: frozenset[str] = frozenset()) -> None:
+    """Writes ``arrays`` as ``numpy.savez`` (``compress``: ``savez_compressed``, at deflate level 1) would, straight
+    to a synced temporary file renamed to ``path``. The names in ``widen`` hold bfloat16 patterns (uint16),
+    stored as float32 (exact) so that plain ``numpy.load`` reads values."""
+    partial = path.with_name(f".{path.name}.partial")
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with open(partial, "wb") as handle:
+        with zipfile.ZipFile(handle, "w", method, allowZip64=True, compresslevel=1 if compress else None) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, bfloat16_to_float32(array) if name in widen else array,
+                                              allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
 
 
 class NpzArchiver(Subscriber):
-    """Writes every activation frame it receives; reliable (it slows the engine rather than drop)."""
+    """Writes every activation frame it receives; reliable (it slows the engine rather than drop).
+
+    Files are written by ``writers`` threads (the zip checksums, deflate and disk writes run outside the GIL)
+    while the receiving thread goes on decoding; at most ``2 * writers`` steps (and 1 GiB) wait to be written,
+    beyond that the receiver waits, and the engine with it. A batch enters the index once all its files are on disk.
+    """
 
     topics = ("act.", "tokens")
 
-    def __init__(self, connect, directory: str | Path, compress: bool = True, **kwargs):
-        super().__init__(connect, **kwargs)
+    def __init__(self, connect, directory: str | Path, compress: bool = True, writers: int | None = None, **kwargs):
+        super().__init__(connect, bfloat16_as="uint16", **kwargs)  # widened to float32 by the writers
         self.directory = Path(directory)
         self.compress = compress
+        writers = writers or min(8, os.cpu_count() or 1)
+        self.writers = ThreadPoolExecutor(writers, thread_name_prefix="npz-writer")
+        self.backlog = 2 * writers
+        self.writing: deque[tuple[Future, int]] = deque()  # step files not yet on disk and their bytes, oldest first
+        self.writing_bytes = 0
         self.pending: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, step) -> frames received so far
-        self.open: dict[int, dict[str, Any]] = {}  # batches still generating: files, tokens, damaged
+        self.open: dict[int, dict[str, Any]] = {}  # batches still generating: files, tokens, writes, damaged
         self.index: dict[str, Any] = {"batches": {}, "tokens": {}}  # finished batches only
 
     def on_run_start(self, info: dict[str, Any]) -> None:
@@ -86,16 +106,18 @@ class NpzArchiver(Subscriber):
 
     def on_activation(self, frame) -> None:
         header = frame.header
-        slot = self.pending.setdefault((header["batch"], header["step"]),
-                                       {"prompts": header["prompts"], "pad": header["pads"], "arrays": {}})
+        slot = self.pending.setdefault((header["batch"], header["step"]), {
+            "prompts": header["prompts"], "pad": header["pads"], "arrays": {}, "bfloat16": set()})
         slot["arrays"][header["name"]] = frame.body
         slot["arrays"][header["name"] + ".positions"] = np.array(header["positions"], dtype=np.int32)
+        if header["dtype"] == "bfloat16":
+            slot["bfloat16"].add(header["name"])
 
     def on_tokens(self, frame) -> None:
         body = frame.body
         key = (body["batch"], body["step"])
         slot = self.pending.pop(key, None)
-        batch = self.open.setdefault(body["batch"], {"files": [], "tokens": {}, "damaged": False})
+        batch = self.open.setdefault(body["batch"], {"files": [], "tokens": {}, "writes": [], "damaged": False})
         for prompt, token in zip(body["prompts"], body["tokens"]):
             batch["tokens"].setdefault(str(prompt), []).append(token)
         if slot is None:
@@ -108,25 +130,47 @@ class NpzArchiver(Subscriber):
             "pad": np.array(slot["pad"], dtype=np.int64),
             **slot["arrays"],
         }
-        buffer = io.BytesIO()
-        (np.savez_compressed if self.compress else np.savez)(buffer, **arrays)
-        write_atomic(self.directory / step_file(body["step"], body["batch"]), buffer.getvalue(), sync=False)
-        batch["files"].append(step_file(body["step"], body["batch"]))
+        path = self.directory / step_file(body["step"], body["batch"])
+        write = self.writers.submit(write_npz, path, arrays, self.compress, frozenset(slot["bfloat16"]))
+        self.writing.append((write, sum(a.nbytes for a in arrays.values())))
+        self.writing_bytes += self.writing[-1][1]
+        batch["writes"].append(write)
+        batch["files"].append(path.name)
         if self.selection.names_for_step(body["step"]) - {k for k in slot["arrays"] if not k.endswith(".positions")}:
             batch["damaged"] = True  # a frame of this step was lost on the way
+        while self.writing and (self.writing[0][0].done() or len(self.writing) > self.backlog
+                                or self.writing_bytes > BACKLOG_BYTES):
+            write, size = self.writing.popleft()
+            self.writing_bytes -= size
+            write.result()  # a failed write (disk full...) stops the sink here
 
     def on_batch_end(self, body: dict[str, Any]) -> None:
-        batch = self.open.pop(body["batch"], {"files": [], "tokens": {}, "damaged": False})
+        batch = self.open.pop(body["batch"], {"files": [], "tokens": {}, "writes": [], "damaged": False})
+        for write in batch["writes"]:
+            write.result()
         if batch["damaged"] or batch["files"] != [step_file(k, body["batch"]) for k in range(body["steps"])]:
             return  # incomplete: not indexed, so --resume regenerates these prompts
-        sync_files(self.directory / f for f in batch["files"])
         self.index["batches"][str(body["batch"])] = {"prompts": body["prompts"], "files": batch["files"],
                                                      "steps": body["steps"]}
         self.index["tokens"].update(batch["tokens"])
         self._write_index()
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
-        self._write_index()
+        error = self._finish_writes()
+        self._write_index()  # the batches whose files all reached the disk
+        if error is not None and not self.aborted:
+            raise error
+
+    def close(self) -> None:
+        super().close()
+        self.writers.shutdown(wait=True)  # files already handed to the writers are finished, never cut short
+
+    def _finish_writes(self) -> BaseException | None:
+        """Waits for every write handed out; returns the first failure not raised yet."""
+        errors = [write.exception() for write, _ in self.writing]
+        self.writing.clear()
+        self.writing_bytes = 0
+        return next((e for e in errors if e is not None), None)
 
     def _write_index(self) -> None:
         write_atomic(self.directory / INDEX, json.dumps(self.index).encode())
