@@ -27,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemmalens.engine.config import Gemma3Config, layer_pattern
-from gemmalens.engine.generation import ActivationEvent, GenerationConfig, ResultEvent, generate
+from gemmalens.engine.generation import ActivationEvent, GenerationConfig, ResultEvent, StepEvent, generate
 from gemmalens.engine.model import Gemma3
 from gemmalens.engine.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
@@ -106,46 +106,57 @@ COUNTER = ("import sys\nfrom gemmalens.sinks.base import Subscriber\n"
 ALL_BUT_ATTENTION = (["*"], ["*.attn_scores", "*.attn_weights"])
 
 
+class TimedPublisher(Publisher):
+    """Notes when the run starts: after its sinks have subscribed (their start-up is not the bus's speed)."""
+
+    def start(self, run_info, should_stop=lambda: False):
+        super().start(run_info, should_stop)
+        self.started = time.perf_counter()
+
+
 def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2, storage="stored"):
     """The engine publishing to a sink in its own process (default: an npz archiver, as `gemmalens run` does,
-    its files ``stored`` or compressed by ``deflate``).
+    its files ``stored`` or compressed by ``deflate``). Timed from ``run.start`` (the sink has subscribed) until
+    the sink has written everything and exited; returns tokens/s, raw bytes/s on the bus and the seconds the
+    sink took to start.
 
     ``workers``: compression threads. Two suit small frames (resid_out: more threads only fight the engine
     for the GIL); eight suit every point's hundreds of megabytes per step."""
     folder = tempfile.mkdtemp(prefix="gl-bench-")
     address = f"ipc://{folder}/bus"
-    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
+    publisher = TimedPublisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
+    spawned = time.perf_counter()
     archiver = subprocess.Popen([sys.executable, "-c", sink or ARCHIVER, address, folder, storage], cwd=folder)
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
     prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
-    started = time.perf_counter()
     results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
     assert archiver.wait() == 0, "the sink missed frames"
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - publisher.started
     shutil.rmtree(folder, ignore_errors=True)
-    return sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds
+    return sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds, publisher.started - spawned
 
 
-def bus_limit(model, batch, patterns, exclude, repeats=8):
-    """MB/s of raw activations the bus carries (publisher, lz4, 8 threads, ipc, a decoding subscriber in another
-    process) when the frames are on the host already: one decode step's frames of ``batch``, sent ``repeats`` times."""
+def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8):
+    """MB/s of raw activations the bus carries (publisher, lz4, ``workers`` threads, ipc, a sink in another process;
+    default: one that decodes every frame) when the frames are on the host already: one decode step's frames and
+    tokens of ``batch``, sent ``repeats`` times."""
     config = GenerationConfig(max_tokens=2, sampling=GREEDY, batch_size=batch)
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
     events = [e for e in generate(model, IdTokenizer(), prompts_for(batch), config, selection)
-              if isinstance(e, ActivationEvent) and e.step == 1]
-    raw = sum(e.host()[0].nbytes for e in events)  # fetched once; every send below reuses the host copies
+              if isinstance(e, (ActivationEvent, StepEvent)) and e.step == 1]
+    raw = sum(e.host()[0].nbytes for e in events if isinstance(e, ActivationEvent))  # fetched once, then reused
     folder = tempfile.mkdtemp(prefix="gl-bench-")
     address = f"ipc://{folder}/bus"
-    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=8, queue_size=256)
-    counter = subprocess.Popen([sys.executable, "-c", COUNTER, address], cwd=folder)
-    publisher.start({})
+    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
+    receiver = subprocess.Popen([sys.executable, "-c", sink or COUNTER, address, folder, "stored"], cwd=folder)
+    publisher.start({"capture": selection.to_dict()})
     started = time.perf_counter()
     for i in range(repeats):
         for event in events:
             publisher.publish(dataclasses.replace(event, step=i))
     publisher.finish(True)
-    assert counter.wait() == 0, "the subscriber missed frames"
+    assert receiver.wait() == 0, "the sink missed frames"
     seconds = time.perf_counter() - started
     shutil.rmtree(folder, ignore_errors=True)
     return repeats * raw / seconds
@@ -280,15 +291,17 @@ def main():
         row["peak"] = mx.get_peak_memory() / 1e9
         row["mlx-lm"] = run_mlx_lm(ONE_B, weights, batch, args.new_tokens)
         run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
-        row["resid"], row["resid bus"] = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
-        row["deflate"], _ = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
-                                         storage="deflate")
-        row["all"], row["all bus"] = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
-                                                  sink=COUNTER, workers=8)
+        row["resid"], row["resid bus"], row["sink start"] = run_captured(model, batch, args.new_tokens,
+                                                                         ["model.layers.*.resid_out"])
+        row["deflate"], _, _ = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
+                                            storage="deflate")
+        row["all"], row["all bus"], _ = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
+                                                     sink=COUNTER, workers=8)
         row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
         rows.append(row)
         print(f"batch {batch}: gemmalens {row['plain']:.0f} tok/s, mlx-lm {row['mlx-lm']:.0f}, resid {row['resid']:.0f} "
-              f"({row['resid bus'] / 1e6:.0f} MB/s; compressed files {row['deflate']:.0f}), all-but-attention "
+              f"({row['resid bus'] / 1e6:.0f} MB/s; compressed files {row['deflate']:.0f}; the archiver took "
+              f"{row['sink start']:.1f} s to start, not counted), all-but-attention "
               f"{row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit {row['limit'] / 1e6:.0f} MB/s)", flush=True)
     floor = device_bw * 1e9 / bytes_per_token
     print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")

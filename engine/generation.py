@@ -116,6 +116,11 @@ class ActivationEvent:
         array, dtype = self.values.fetch(self.name)
         return np.ascontiguousarray(array[self.trim]), dtype
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the captured value before trimming (an upper bound of what is published)."""
+        return self.values.nbytes(self.name)
+
 
 @dataclass
 class ResultEvent:
@@ -286,7 +291,12 @@ def _result(tokenizer, config, index, prompt, formatted, prompt_ids, generated, 
 
 
 def _activation_events(values: StepValues, batch, step, indices, pads, width, positions_kept):
-    """Events for one step's captured values; slot arithmetic turns the seq axis into positions."""
+    """Events for one step's captured values; slot arithmetic turns the seq axis into positions.
+
+    The step's events share their prompt, pad and position lists (read-only): building them once per step
+    keeps the engine thread's share of publishing small."""
+    indices, pads = list(indices), list(pads)
+    positions_of: dict[tuple[int, int], list[list[int]]] = {}
     for name in values.layout:
         shape = list(values.shape(name))
         index = [slice(None)] * len(shape)  # what of the captured array is published, axis by axis
@@ -302,8 +312,10 @@ def _activation_events(values: StepValues, batch, step, indices, pads, width, po
                 shape[seq_axis] = 1
             first = width + step - shape[seq_axis]  # slot of the first entry along seq
         length = shape[seq_axis]
-        positions = [[slot - p if slot >= p else -1 for slot in range(first, first + length)] for p in pads]
-        yield ActivationEvent(batch, step, name, list(indices), positions, values, list(pads), tuple(index))
+        if (first, length) not in positions_of:
+            positions_of[first, length] = [[slot - p if slot >= p else -1 for slot in range(first, first + length)]
+                                           for p in pads]
+        yield ActivationEvent(batch, step, name, indices, positions_of[first, length], values, pads, tuple(index))
 
 
 def _hit_stop(text: str, stops: Sequence[str]) -> bool:

@@ -12,8 +12,11 @@ Two endpoints:
   frames; the engine never waits for it.
 
 The engine thread hands events to a bounded queue (it blocks only when the
-queue is full); a sender thread converts, compresses (on a pool of threads:
-lz4 releases the GIL) and sends, in order. Every topic has its own sequence
+queue is full); a sender thread converts, compresses and sends, in order:
+frames of a megabyte or more are compressed on a pool of threads (lz4
+releases the GIL), smaller ones by the sender itself (handing them over
+would cost more than compressing them). Frames of one topic go out in order,
+and a step's frames before its tokens (sinks complete a step on its tokens). Every topic has its own sequence
 numbers; ``run.end`` carries the count per topic so each sink can check that
 it has everything.
 """
@@ -34,6 +37,7 @@ from .frames import VERSION, activation_topic, encode_array, message
 from .generation import ActivationEvent, BatchEndEvent, ResultEvent, StepEvent
 
 _STOP = object()
+INLINE_BYTES = 1 << 20  # activation frames below this size are compressed by the sender thread itself
 
 
 class PublisherError(RuntimeError):
@@ -190,7 +194,10 @@ class Publisher:
                 if item is _STOP:
                     break
                 if item[0] == "array":
-                    pending.append(self._pool.submit(self._encode, item[1]))
+                    if item[1].nbytes >= INLINE_BYTES:  # large: compressed in parallel on the pool
+                        pending.append(self._pool.submit(self._encode, item[1]))
+                    else:  # small: a hand-off to the pool would cost more than compressing it here
+                        self._send(self._encode(item[1]))  # may pass large ones: order holds per topic
                     while len(pending) > 2 * self._workers:
                         self._send(pending.popleft().result())
                     continue

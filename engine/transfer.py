@@ -122,6 +122,7 @@ class StepValues:
                  dtype: mx.Dtype | None = None):
         self._copier = copier
         self.layout: dict[str, tuple[str, int, tuple[int, ...]]] = {}  # name -> (wire dtype, start, shape)
+        self._nbytes: dict[str, int] = {}
         groups: dict[str, list[mx.array]] = {}
         sizes: dict[str, int] = {}
         for name, value in values.items():
@@ -130,6 +131,7 @@ class StepValues:
             label = str(value.dtype).rsplit(".", 1)[-1]
             flat = (value.view(mx.uint16) if value.dtype == mx.bfloat16 else value).reshape(-1)
             self.layout[name] = (label, sizes.get(label, 0), tuple(value.shape))
+            self._nbytes[name] = value.nbytes
             sizes[label] = sizes.get(label, 0) + flat.size
             groups.setdefault(label, []).append(flat)
         self.buffers = {label: parts[0] if len(parts) == 1 else mx.concatenate(parts) for label, parts in groups.items()}
@@ -138,6 +140,9 @@ class StepValues:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.layout[name][2]
+
+    def nbytes(self, name: str) -> int:
+        return self._nbytes[name]
 
     def fetch(self, name: str) -> tuple[np.ndarray, str]:
         """``name``'s value on the host and its wire dtype name."""

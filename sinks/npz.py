@@ -61,9 +61,10 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool, widen: 
     with open(partial, "wb") as handle:
         with zipfile.ZipFile(handle, "w", method, allowZip64=True, compresslevel=1 if compress else None) as archive:
             for name, array in arrays.items():
+                array = np.asarray(bfloat16_to_float32(array) if name in widen else array, order="C")
                 with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
-                    np.lib.format.write_array(entry, bfloat16_to_float32(array) if name in widen else array,
-                                              allow_pickle=False)
+                    np.lib.format.write_array_header_1_0(entry, np.lib.format.header_data_from_array_1_0(array))
+                    entry.write(array.reshape(-1).view(np.uint8))  # the array's memory itself, not a copy
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)

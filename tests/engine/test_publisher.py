@@ -31,7 +31,9 @@ SUBSCRIBER = textwrap.dedent('''
 
         def handle(self, parts):
             super().handle(parts)
-            self.log.append((parts[0].decode(), json.loads(parts[1])["seq"]))
+            topic, header = parts[0].decode(), json.loads(parts[1])
+            body = json.loads(bytes(parts[2])) if topic == "tokens" else header
+            self.log.append((topic, header["seq"], body.get("batch"), body.get("step")))
 
         def on_activation(self, frame):
             time.sleep(self.delay)
@@ -65,12 +67,30 @@ def test_subscriber_in_another_process_receives_every_frame_in_order(tmp_path, t
     received = json.loads((tmp_path / "out.json").read_text())
     assert received["complete"] and not received["gaps"] and totals["complete"]
     by_topic = {}
-    for topic, seq in received["log"]:
+    for topic, seq, *_ in received["log"]:
         by_topic.setdefault(topic, []).append(seq)
     assert all(seqs == list(range(len(seqs))) for seqs in by_topic.values())
     assert {t: len(s) for t, s in by_topic.items() if t in totals["topics"]} == totals["topics"]
     assert totals["topics"]["result"] == len(results) == 3
     assert totals["topics"]["act.model.layers.0.resid_out"] == 2 * 4  # two batches, four steps
+
+
+def test_large_frames_compressed_on_the_pool_keep_their_place_before_the_steps_tokens(tmp_path, monkeypatch):
+    from gemmalens.engine import publisher as module
+
+    monkeypatch.setattr(module, "INLINE_BYTES", 1024)  # the logits go to the pool, resid_out stays with the sender
+    publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1, workers=3)
+    sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json")
+    _, totals = small_run(publisher, capture=("model.logits", "model.layers.*.resid_out"))
+    assert sink.wait(60) == 0
+    received = json.loads((tmp_path / "out.json").read_text())
+    assert received["complete"] and not received["gaps"]
+    frames = [(topic, batch, step) for topic, _, batch, step in received["log"] if topic.startswith("act.")]
+    assert {t for t, _, _ in frames} == {"act.model.logits"} | {f"act.model.layers.{i}.resid_out" for i in range(4)}
+    for position, (topic, _, batch, step) in enumerate(received["log"]):
+        if topic == "tokens":  # the archiver writes a step's file when its tokens arrive: its frames are all in
+            before = {(t, b, s) for t, _, b, s in received["log"][:position] if t.startswith("act.")}
+            assert {f for f in frames if f[1:] == (batch, step)} <= before
 
 
 def test_a_missing_frame_is_detected_as_a_gap():
