@@ -120,8 +120,8 @@ def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, work
     the sink has written everything and exited; returns tokens/s, raw bytes/s on the bus and the seconds the
     sink took to start.
 
-    ``workers``: compression threads. Two suit small frames (resid_out: more threads only fight the engine
-    for the GIL); eight suit every point's hundreds of megabytes per step."""
+    ``workers``: compression threads for frames of 1 MiB or more (resid_out's smaller frames are compressed by
+    the sender thread itself); eight suit every point's hundreds of megabytes per step."""
     folder = tempfile.mkdtemp(prefix="gl-bench-")
     address = f"ipc://{folder}/bus"
     publisher = TimedPublisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
