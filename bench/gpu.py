@@ -14,6 +14,7 @@ a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shutil
 import subprocess
@@ -114,6 +115,25 @@ class TimedPublisher(Publisher):
         self.started = time.perf_counter()
 
 
+@contextlib.contextmanager
+def sink_process(sink, workers, storage="stored"):
+    """A publisher (lz4, ``workers`` threads) on a fresh ipc address, and ``sink`` (a script taking the address,
+    a folder and ``storage``) subscribed to it in its own process. Leaving waits for the sink, which must have
+    received everything; ``publisher.ended`` is then the time, ``publisher.spawned`` when the sink was started."""
+    folder = tempfile.mkdtemp(prefix="gl-bench-")
+    address = f"ipc://{folder}/bus"
+    publisher = TimedPublisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
+    publisher.spawned = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", sink, address, folder, storage], cwd=folder)
+    try:
+        yield publisher
+        assert process.wait() == 0, "the sink missed frames"
+        publisher.ended = time.perf_counter()
+    finally:
+        process.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2, storage="stored"):
     """The engine publishing to a sink in its own process (default: an npz archiver, as `gemmalens run` does,
     its files ``stored`` or compressed by ``deflate``). Timed from ``run.start`` (the sink has subscribed) until
@@ -122,19 +142,14 @@ def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, work
 
     ``workers``: compression threads for frames of 1 MiB or more (resid_out's smaller frames are compressed by
     the sender thread itself); eight suit every point's hundreds of megabytes per step."""
-    folder = tempfile.mkdtemp(prefix="gl-bench-")
-    address = f"ipc://{folder}/bus"
-    publisher = TimedPublisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
-    spawned = time.perf_counter()
-    archiver = subprocess.Popen([sys.executable, "-c", sink or ARCHIVER, address, folder, storage], cwd=folder)
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
     prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
-    results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
-    assert archiver.wait() == 0, "the sink missed frames"
-    seconds = time.perf_counter() - publisher.started
-    shutil.rmtree(folder, ignore_errors=True)
-    return sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds, publisher.started - spawned
+    with sink_process(sink or ARCHIVER, workers, storage) as publisher:
+        results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
+    seconds = publisher.ended - publisher.started
+    return (sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds,
+            publisher.started - publisher.spawned)
 
 
 def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8):
@@ -146,20 +161,13 @@ def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8):
     events = [e for e in generate(model, IdTokenizer(), prompts_for(batch), config, selection)
               if isinstance(e, (ActivationEvent, StepEvent)) and e.step == 1]
     raw = sum(e.host()[0].nbytes for e in events if isinstance(e, ActivationEvent))  # fetched once, then reused
-    folder = tempfile.mkdtemp(prefix="gl-bench-")
-    address = f"ipc://{folder}/bus"
-    publisher = Publisher(reliable=address, expect=1, codec="lz4", workers=workers, queue_size=256)
-    receiver = subprocess.Popen([sys.executable, "-c", sink or COUNTER, address, folder, "stored"], cwd=folder)
-    publisher.start({"capture": selection.to_dict()})
-    started = time.perf_counter()
-    for i in range(repeats):
-        for event in events:
-            publisher.publish(dataclasses.replace(event, step=i))
-    publisher.finish(True)
-    assert receiver.wait() == 0, "the sink missed frames"
-    seconds = time.perf_counter() - started
-    shutil.rmtree(folder, ignore_errors=True)
-    return repeats * raw / seconds
+    with sink_process(sink or COUNTER, workers) as publisher:
+        publisher.start({"capture": selection.to_dict()})
+        for i in range(repeats):
+            for event in events:
+                publisher.publish(dataclasses.replace(event, step=i))
+        publisher.finish(True)
+    return repeats * raw / (publisher.ended - publisher.started)
 
 
 def run_mlx_lm(config, weights, batch, new_tokens):

@@ -12,13 +12,13 @@ Two endpoints:
   frames; the engine never waits for it.
 
 The engine thread hands events to a bounded queue (it blocks only when the
-queue is full); a sender thread converts, compresses and sends, in order:
-frames of a megabyte or more are compressed on a pool of threads (lz4
-releases the GIL), smaller ones by the sender itself (handing them over
-would cost more than compressing them). Frames of one topic go out in order,
-and a step's frames before its tokens (sinks complete a step on its tokens). Every topic has its own sequence
-numbers; ``run.end`` carries the count per topic so each sink can check that
-it has everything.
+queue is full); a sender thread converts, compresses and sends: frames of a
+megabyte or more are compressed on a pool of threads (lz4 releases the GIL),
+smaller ones by the sender itself (handing them over would cost more than
+compressing them). Frames of one topic go out in order, and a step's frames
+before its tokens (sinks complete a step on its tokens). Every topic has its
+own sequence numbers; ``run.end`` carries the count per topic so each sink can
+check that it has everything.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The npz archiver: files readable with plain numpy, incomplete batches left out of the index."""
 
+import threading
+import time
+import zipfile
+
 import numpy as np
 import pytest
 from helpers import tiny_generator
@@ -25,10 +29,13 @@ def test_files_say_which_prompts_positions_and_tokens_their_rows_are(tmp_path):
         assert step2["model.layers.0.resid_out.positions"][:, 0].tolist() == [len(r.prompt_tokens) + 1 for r in results]
 
 
-def activation(batch, step, name, seq):
-    header = {"kind": "activation", "seq": seq, "batch": batch, "step": step, "name": name, "prompts": [0],
-              "positions": [[0]], "pads": [0], "dtype": "float32", "shape": [1, 1], "codec": "raw"}
-    return message(f"act.{name}", header, np.zeros((1, 1), np.float32).tobytes())
+def activation(batch, step, name, seq, array=None, dtype="float32"):
+    """One row's activation frame (prompt ``batch``), by default a single float32 zero."""
+    array = np.zeros((1, 1), np.float32) if array is None else array
+    header = {"kind": "activation", "seq": seq, "batch": batch, "step": step, "name": name, "prompts": [batch],
+              "positions": [list(range(array.shape[1]))], "pads": [0], "dtype": dtype, "shape": list(array.shape),
+              "codec": "raw"}
+    return message(f"act.{name}", header, array.tobytes())
 
 
 def test_a_batch_with_a_lost_frame_is_not_indexed(tmp_path):
@@ -48,13 +55,14 @@ def test_a_batch_with_a_lost_frame_is_not_indexed(tmp_path):
 RUN_START = {"capture": {"names": ["a"], "sample_patterns": [], "exclude": [], "positions": "all"}, "prompts": []}
 
 
-def finished_batch(sink, batch, body, dtype="float32", seq=0):
-    header = {"kind": "activation", "seq": seq, "batch": batch, "step": 0, "name": "a", "prompts": [batch],
-              "positions": [[0, 1]], "pads": [0], "dtype": dtype, "shape": [1, 2, 3], "codec": "raw"}
-    sink.handle(message("act.a", header, body))
-    sink.handle(message("tokens", {"kind": "tokens", "seq": seq},
-                        {"batch": batch, "step": 0, "prompts": [batch], "tokens": [7]}))
-    sink.handle(message("batch.end", {"kind": "batch_end", "seq": seq}, {"batch": batch, "prompts": [batch], "steps": 1}))
+def finished_batch(sink, batch, array, dtype="float32", seq=0, steps=1):
+    """Batch ``batch`` (one prompt, also numbered ``batch``) sends ``array`` as "a" at each of ``steps`` steps."""
+    for step in range(steps):
+        sink.handle(activation(batch, step, "a", seq + step, array, dtype))
+        sink.handle(message("tokens", {"kind": "tokens", "seq": seq + step},
+                            {"batch": batch, "step": step, "prompts": [batch], "tokens": [7]}))
+    sink.handle(message("batch.end", {"kind": "batch_end", "seq": seq},
+                        {"batch": batch, "prompts": [batch], "steps": steps}))
 
 
 def test_bfloat16_frames_are_stored_as_the_exact_float32_values(tmp_path):
@@ -62,21 +70,49 @@ def test_bfloat16_frames_are_stored_as_the_exact_float32_values(tmp_path):
     bits = (values.view(np.uint32) >> 16).astype(np.uint16)
     sink = NpzArchiver("inproc://unused-npz", tmp_path, compress=True, writers=2)
     sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
-    finished_batch(sink, 0, bits.tobytes(), dtype="bfloat16")
+    finished_batch(sink, 0, bits, dtype="bfloat16")
     sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
     sink.close()
-    with np.load(tmp_path / "activations_step_0_batch_0.npz") as step0:
-        assert step0["a"].dtype == np.float32 and step0["a"].tobytes() == values.tobytes()
+    step0 = tmp_path / "activations_step_0_batch_0.npz"
+    assert all(entry.compress_type == zipfile.ZIP_DEFLATED for entry in zipfile.ZipFile(step0).infolist())
+    with np.load(step0) as data:
+        assert data["a"].dtype == np.float32 and data["a"].tobytes() == values.tobytes()
     assert gemmalens.open_activations(tmp_path).prompts == [0]
+
+
+def test_the_receiver_waits_once_the_writers_are_a_backlog_behind(tmp_path, monkeypatch):
+    import gemmalens.sinks.npz as npz
+
+    release = threading.Event()
+
+    def stalled_write(*args):
+        release.wait(10)
+        write_npz(*args)
+
+    write_npz = npz.write_npz
+    monkeypatch.setattr(npz, "write_npz", stalled_write)
+    sink = NpzArchiver("inproc://unused-npz", tmp_path, writers=1)  # backlog: 2 steps
+    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
+    receiving = threading.Thread(target=finished_batch, args=(sink, 0, np.ones((1, 2, 3), np.float32)),
+                                 kwargs={"steps": 4})
+    receiving.start()
+    time.sleep(0.5)
+    handed_over = len(sink.open[0]["files"])
+    release.set()
+    receiving.join(10)
+    assert handed_over == sink.backlog + 1  # two steps waiting, the third's hand-over waits for the first
+    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    sink.close()
+    assert len(gemmalens.open_activations(tmp_path).get("a")[0]) == 4
 
 
 def test_a_failed_write_stops_the_sink_and_keeps_the_batches_already_indexed(tmp_path):
     sink = NpzArchiver("inproc://unused-npz", tmp_path, writers=2)
     sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
-    finished_batch(sink, 0, np.ones((1, 2, 3), np.float32).tobytes())
+    finished_batch(sink, 0, np.ones((1, 2, 3), np.float32))
     (tmp_path / ".activations_step_0_batch_1.npz.partial").mkdir()  # batch 1's file cannot be created
     with pytest.raises(IsADirectoryError):
-        finished_batch(sink, 1, np.ones((1, 2, 3), np.float32).tobytes(), seq=1)
+        finished_batch(sink, 1, np.ones((1, 2, 3), np.float32), seq=1)
     sink.abort("sink failed")
     activations = gemmalens.open_activations(tmp_path)
     assert activations.prompts == [0]
