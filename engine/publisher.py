@@ -23,6 +23,7 @@ check that it has everything.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -79,6 +80,7 @@ class Publisher:
         self.bytes_raw = 0
         self.bytes_wire = 0
         self.sinks: set[str] = set()
+        self._rows: tuple = ((None, None, None), "")  # the last step's row lists and their JSON
         self._reliable = self._bind(zmq.XPUB, reliable, high_water_mark, curve) if reliable else None
         if self._reliable is not None:
             self._reliable.setsockopt(zmq.XPUB_NODROP, 1)
@@ -227,26 +229,46 @@ class Publisher:
     def _encode(self, event: ActivationEvent):
         array, dtype = event.host()
         payload = encode_array(array, dtype, self.codec)
-        header = {"kind": "activation", "batch": event.batch, "step": event.step, "prompts": event.indices,
-                  "positions": event.positions, "pads": event.pads, "name": event.name, "dtype": dtype,
+        fields = {"kind": "activation", "batch": event.batch, "step": event.step, "name": event.name, "dtype": dtype,
                   "shape": list(array.shape), "codec": self.codec, "nbytes": array.nbytes}
-        return activation_topic(event.name), header, payload, array.nbytes
+        return activation_topic(event.name), fields, self._rows_json(event), payload, array.nbytes
+
+    def _rows_json(self, event: ActivationEvent) -> str:
+        """The header's prompts, positions and pads as JSON members: a step's events share these lists (the engine
+        builds them once per step), so they are encoded once per step too."""
+        lists, cached = (event.indices, event.positions, event.pads), self._rows  # read once: pool threads call this too
+        if all(a is b for a, b in zip(lists, cached[0])):
+            return cached[1]
+        text = json.dumps({"prompts": event.indices, "positions": event.positions, "pads": event.pads})[1:-1]
+        self._rows = (lists, text)  # the lists are kept with their text, so their ids cannot be reused meanwhile
+        return text
 
     def _send(self, frame) -> None:
-        if isinstance(frame, tuple):
-            topic, header, payload, raw = frame
-            parts = self._frame(topic, header, payload)
+        if len(frame) == 5:  # an activation: its header is completed here, where sequence numbers are given
+            topic, fields, rows, payload, raw = frame
+            header = json.dumps({"v": VERSION, "run": self.run_id, "engine": self.engine_id, "seq": self.counts[topic],
+                                 **fields})
+            self.counts[topic] += 1
+            parts = [topic.encode(), f"{header[:-1]}, {rows}}}".encode(), payload]
             self.bytes_raw += raw
             self.bytes_wire += len(payload)
         else:
             parts = frame
         if self._reliable is not None:
-            while True:
-                try:
-                    self._reliable.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                    break
-                except zmq.Again:  # a reliable sink is behind: wait until it takes more (back-pressure)
-                    if self._reliable.poll(50, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
-                        self._read_subscription()
+            while not self._send_parts(self._reliable, parts):  # a reliable sink is behind: wait for room
+                if self._reliable.poll(50, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
+                    self._read_subscription()
         if self._lossy is not None:
-            self._lossy.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)  # PUB drops for slow subscribers, never blocks
+            self._send_parts(self._lossy, parts)  # PUB drops for slow subscribers, never blocks
+
+    @staticmethod
+    def _send_parts(sock: zmq.Socket, parts: list) -> bool:
+        """Sends a message without blocking; False if the socket has no room. Topic and header are copied (cheaper
+        for small parts), the payload is not. A message is accepted whole or not at all, at its first part."""
+        try:
+            sock.send(parts[0], zmq.SNDMORE | zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        sock.send(parts[1], zmq.SNDMORE)
+        sock.send(parts[2], copy=False)
+        return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import threading
 import weakref
 from collections import deque
@@ -146,10 +147,10 @@ class StepValues:
 
     def fetch(self, name: str) -> tuple[np.ndarray, str]:
         """``name``'s value on the host and its wire dtype name."""
-        with self._lock:
-            if self._host is None:
-                self._host = {label: self._copier(buffer) for label, buffer in self.buffers.items()}
-                self.buffers = {}
+        if self._host is None:
+            with self._lock:
+                if self._host is None:  # the first caller copies, the others wait for it
+                    self._host = {label: self._copier(buffer) for label, buffer in self.buffers.items()}
+                    self.buffers = {}
         label, start, shape = self.layout[name]
-        size = int(np.prod(shape))
-        return self._host[label][start : start + size].reshape(shape), label
+        return self._host[label][start : start + math.prod(shape)].reshape(shape), label
