@@ -19,12 +19,8 @@ partial files are removed.
 
 from __future__ import annotations
 
-import errno
 import json
-import mmap
 import os
-import threading
-import zipfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -35,10 +31,10 @@ import numpy as np
 from gemmalens.engine.selection import Selection, is_attention
 
 from .base import Subscriber
+from .npzfile import write_npz
 
 INDEX = "activations_index.json"
 BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
-ALIGN = 4096  # direct I/O wants memory, length and offset in multiples of the block size
 
 
 def step_file(step: int, batch: int) -> str:
@@ -53,136 +49,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool, widen: frozenset[str] = frozenset()) -> None:
-    """Writes ``arrays`` as ``numpy.savez`` (``compress``: ``savez_compressed``, at deflate level 1) would, through a
-    synced temporary file renamed to ``path``. The names in ``widen`` hold bfloat16 patterns (uint16), stored as
-    float32 (exact) so that plain ``numpy.load`` reads values.
-
-    The file is assembled in this thread's staging memory, then written in one go, bypassing the page cache
-    where the file system allows (``O_DIRECT``): new files otherwise cost the kernel a fresh page per 4 kB, which
-    held archivers near 600 MB/s whatever the disk (docs/performance.md)."""
-    staged = _staging()
-    staged.clear()  # a failed write may have left a file behind
-    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-    with zipfile.ZipFile(staged, "w", method, allowZip64=True, compresslevel=1 if compress else None) as archive:
-        for name, array in arrays.items():
-            array = staged.widened(array) if name in widen else np.asarray(array, order="C")
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
-                np.lib.format.write_array_header_1_0(entry, np.lib.format.header_data_from_array_1_0(array))
-                entry.write(array.reshape(-1).view(np.uint8))  # the array's memory itself, not a copy
-    partial = path.with_name(f".{path.name}.partial")
-    staged.write_to(partial)
-    os.replace(partial, path)
-
-
-class StagedFile:
-    """Page-aligned memory that zipfile writes an npz into (``write``/``tell``/``seek``), reused file after file.
-
-    ``write_to`` puts the assembled bytes in a file with one system call per 64 MiB, directly from this memory
-    (``O_DIRECT``) where the file system takes it, through the page cache elsewhere, and syncs it.
-    """
-
-    CHUNK = 1 << 26
-
-    def __init__(self, capacity: int = 1 << 24):
-        self._memory = mmap.mmap(-1, _aligned(capacity))
-        self.bytes = np.frombuffer(self._memory, dtype=np.uint8)
-        self.size = self.position = 0
-        self._scratch = np.empty(0, dtype=np.uint32)
-
-    def clear(self) -> None:
-        self.size = self.position = 0
-
-    def write(self, data) -> int:
-        data = np.frombuffer(data, dtype=np.uint8)
-        end = self.position + data.size
-        self._reserve(end)
-        self.bytes[self.position : end] = data  # numpy copies without holding the GIL
-        self.position, self.size = end, max(self.size, end)
-        return data.size
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self.position = offset + {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[whence]
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def widened(self, bits: np.ndarray) -> np.ndarray:
-        """bfloat16 patterns as float32, in memory reused from one call to the next (valid until the next call)."""
-        if self._scratch.size < bits.size:
-            self._scratch = np.empty(bits.size, dtype=np.uint32)
-        out = self._scratch[: bits.size].reshape(bits.shape)
-        np.left_shift(bits, 16, dtype=np.uint32, out=out)
-        return out.view(np.float32)
-
-    def write_to(self, path: Path) -> None:
-        """Writes the assembled file to ``path`` (created or truncated) and syncs it; then empties this memory."""
-        size, direct = self.size, getattr(os, "O_DIRECT", 0)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644) if direct else None
-        except OSError as error:  # a file system without direct I/O (tmpfs...)
-            if error.errno != errno.EINVAL:
-                raise
-            descriptor = None
-        if descriptor is not None:
-            try:
-                self._reserve(_aligned(size))
-                self.bytes[size : _aligned(size)] = 0
-                self._write_all(descriptor, _aligned(size))
-                os.ftruncate(descriptor, size)  # the padding that direct I/O needs goes
-            except OSError as error:
-                os.close(descriptor)
-                if error.errno != errno.EINVAL:
-                    raise
-                descriptor = None  # opened, but direct writes refused: write through the page cache instead
-        if descriptor is None:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                self._write_all(descriptor, size)
-            except BaseException:
-                os.close(descriptor)
-                raise
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        self.clear()
-
-    def _write_all(self, descriptor: int, size: int) -> None:
-        view = memoryview(self._memory)
-        try:
-            done = 0
-            while done < size:
-                done += os.pwrite(descriptor, view[done : min(size, done + self.CHUNK)], done)
-        finally:
-            view.release()
-
-    def _reserve(self, size: int) -> None:
-        if size > self.bytes.size:
-            memory = mmap.mmap(-1, _aligned(max(size, 2 * self.bytes.size)))
-            bytes_ = np.frombuffer(memory, dtype=np.uint8)
-            bytes_[: self.size] = self.bytes[: self.size]
-            self._memory, self.bytes = memory, bytes_  # the old map goes when nothing views it
-
-
-def _aligned(size: int) -> int:
-    return -(-size // ALIGN) * ALIGN
-
-
-_local = threading.local()
-
-
-def _staging() -> StagedFile:
-    """This thread's staging memory (each writer thread keeps its own, sized to the largest file it wrote)."""
-    if not hasattr(_local, "staged"):
-        _local.staged = StagedFile()
-    return _local.staged
 
 
 class NpzArchiver(Subscriber):

@@ -1,7 +1,5 @@
 """The npz archiver: files readable with plain numpy, incomplete batches left out of the index."""
 
-import fcntl
-import os
 import threading
 import time
 import zipfile
@@ -120,42 +118,3 @@ def test_a_failed_write_stops_the_sink_and_keeps_the_batches_already_indexed(tmp
     assert activations.prompts == [0]
     assert activations.get("a")[0][0][1].tolist() == [[1.0] * 3] * 2
 
-
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "page-cache"])
-def test_staged_files_are_written_whole_at_their_size_from_reused_memory(tmp_path, monkeypatch, direct):
-    from gemmalens.sinks.npz import StagedFile
-
-    if not direct:
-        monkeypatch.delattr(os, "O_DIRECT", raising=False)
-    staged = StagedFile(capacity=4096)  # grows on the first file
-    first, second = np.arange(3000, dtype=np.uint32), np.arange(5, dtype=np.uint8)
-    staged.write(first)
-    staged.write_to(tmp_path / "first")
-    staged.write(second)  # the memory now holds the first file's tail beyond these 5 bytes
-    staged.seek(1)
-    staged.write(b"\xff")
-    staged.write_to(tmp_path / "second")
-    assert (tmp_path / "first").read_bytes() == first.tobytes()
-    assert (tmp_path / "second").read_bytes() == bytes([0, 255, 2, 3, 4])
-
-
-def test_a_file_system_that_refuses_direct_io_gets_the_file_through_the_page_cache(tmp_path, monkeypatch):
-    import errno
-
-    from gemmalens.sinks.npz import StagedFile
-
-    real_pwrite = os.pwrite
-    calls = []
-
-    def pwrite(descriptor, data, offset):
-        calls.append(os.O_DIRECT & fcntl.fcntl(descriptor, fcntl.F_GETFL))
-        if calls[-1]:
-            raise OSError(errno.EINVAL, "direct I/O not supported")
-        return real_pwrite(descriptor, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    staged = StagedFile()
-    staged.write(b"values")
-    staged.write_to(tmp_path / "file")
-    assert (tmp_path / "file").read_bytes() == b"values"
-    assert calls[0] and not calls[-1]  # tried directly first, then written through the cache
