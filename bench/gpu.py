@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -293,21 +294,24 @@ def main():
     for batch in map(int, args.batches.split(",")):
         row = {"batch": batch}
         run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
-        row["plain"], _ = run_plain(model, batch, args.new_tokens)
+        plain = [run_plain(model, batch, args.new_tokens)[0]]
         mx.reset_peak_memory()
-        run_plain(model, batch, args.new_tokens)
+        plain.append(run_plain(model, batch, args.new_tokens)[0])
         row["peak"] = mx.get_peak_memory() / 1e9
         row["mlx-lm"] = run_mlx_lm(ONE_B, weights, batch, args.new_tokens)
         run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
         row["resid"], row["resid bus"], row["sink start"] = run_captured(model, batch, args.new_tokens,
                                                                          ["model.layers.*.resid_out"])
+        plain.append(run_plain(model, batch, args.new_tokens)[0])  # own speed on either side of the captured runs
         row["deflate"], _, _ = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
                                             storage="deflate")
+        row["plain"] = statistics.median(plain)  # the card's speed moves from one run to the next
         row["all"], row["all bus"], _ = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
                                                      sink=COUNTER, workers=8)
         row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
         rows.append(row)
-        print(f"batch {batch}: gemmalens {row['plain']:.0f} tok/s, mlx-lm {row['mlx-lm']:.0f}, resid {row['resid']:.0f} "
+        print(f"batch {batch}: gemmalens {row['plain']:.0f} tok/s (median of {', '.join(f'{p:.0f}' for p in plain)}), "
+              f"mlx-lm {row['mlx-lm']:.0f}, resid {row['resid']:.0f} "
               f"({row['resid bus'] / 1e6:.0f} MB/s; compressed files {row['deflate']:.0f}; the archiver took "
               f"{row['sink start']:.1f} s to start, not counted), all-but-attention "
               f"{row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit {row['limit'] / 1e6:.0f} MB/s)", flush=True)
