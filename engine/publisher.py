@@ -236,7 +236,7 @@ class Publisher:
     def _rows_json(self, event: ActivationEvent) -> str:
         """The header's prompts, positions and pads as JSON members: a step's events share these lists (the engine
         builds them once per step), so they are encoded once per step too."""
-        lists, cached = (event.indices, event.positions, event.pads), self._rows  # read once: pool threads call this too
+        lists, cached = (event.indices, event.positions, event.pads), self._rows  # read once: pool threads call it too
         if all(a is b for a, b in zip(lists, cached[0])):
             return cached[1]
         text = json.dumps({"prompts": event.indices, "positions": event.positions, "pads": event.pads})[1:-1]

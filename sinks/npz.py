@@ -54,7 +54,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 class NpzArchiver(Subscriber):
     """Writes every activation frame it receives; reliable (it slows the engine rather than drop).
 
-    Files are written by ``writers`` threads (the zip checksums, deflate and disk writes run outside the GIL)
+    Files are written by ``writers`` threads (sinks/npzfile.py: checksums, deflate and disk writes run outside the GIL)
     while the receiving thread goes on decoding; at most ``2 * writers`` steps (and 1 GiB) wait to be written,
     beyond that the receiver waits, and the engine with it. A batch enters the index once all its files are on disk.
     """

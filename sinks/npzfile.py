@@ -34,7 +34,7 @@ import numpy as np
 ALIGN = 4096  # direct I/O wants memory, length and offset in multiples of the block size
 NPY_ALIGN = 64  # where stored values start, relative to the file
 
-_LOCAL = struct.Struct("<IHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, sizes, name and extra lengths
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, sizes, name/extra lengths
 _LOCAL_ZIP64 = struct.Struct("<HHQQ")  # extra field 1: uncompressed, compressed size
 _PADDING = struct.Struct("<HH")  # an extra field of our own id whose only content is padding
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
@@ -116,7 +116,8 @@ def _directory(staged: StagedFile, entries: list[tuple], stamp) -> None:
     count = len(entries)
     staged.put(start, b"".join((
         directory,
-        _END_ZIP64.pack(0x06064B50, _END_ZIP64.size - 12, _MADE_BY, _VERSION, 0, 0, count, count, len(directory), start),
+        _END_ZIP64.pack(0x06064B50, _END_ZIP64.size - 12, _MADE_BY, _VERSION, 0, 0, count, count, len(directory),
+                        start),
         _LOCATOR_ZIP64.pack(0x07064B50, 0, end, 1),
         _END.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(len(directory), _FULL),
                   min(start, _FULL), 0),

@@ -12,7 +12,7 @@ import zmq
 from helpers import tiny_generator
 
 from gemmalens.engine.frames import message
-from gemmalens.engine.generation import GenerationConfig
+from gemmalens.engine.generation import ActivationEvent, GenerationConfig, generate
 from gemmalens.engine.prompts import Prompt
 from gemmalens.engine.publisher import Publisher, PublisherError
 from gemmalens.engine.run import publish_run, run_info
@@ -91,6 +91,32 @@ def test_large_frames_compressed_on_the_pool_keep_their_place_before_the_steps_t
         if topic == "tokens":  # the archiver writes a step's file when its tokens arrive: its frames are all in
             before = {(t, b, s) for t, _, b, s in received["log"][:position] if t.startswith("act.")}
             assert {f for f in frames if f[1:] == (batch, step)} <= before
+
+
+def test_every_activation_header_names_the_rows_and_positions_of_its_own_step(tmp_path):
+    class Headers(Subscriber):
+        topics = ("act.",)
+
+        def on_activation(self, frame):
+            received.append(frame.header)
+
+    received = []
+    publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
+    sink = Headers(publisher.endpoints["reliable"], name="headers")
+    receiving = threading.Thread(target=sink.run, kwargs={"timeout": 60})
+    receiving.start()
+    small_run(publisher)  # two batches (rows 0-1, then 2), four steps each, positions moving every step
+    receiving.join(60)
+    model, tokenizer = tiny_generator()
+    config = GenerationConfig(max_tokens=4, sampling=SamplingParams(0.0, 1.0, None, 1.0), batch_size=2)
+    selection = select(model.config, ["model.layers.*.resid_out", "generate.*.sample.token"])
+    expected = {(e.batch, e.step, e.name): {"prompts": e.indices, "positions": e.positions, "pads": e.pads}
+                for e in generate(model, tokenizer, ["one prompt", "a second prompt", "third"], config, selection)
+                if isinstance(e, ActivationEvent)}
+    assert sink.complete and len(received) == len(expected) == 2 * 4 * 5
+    for header in received:
+        assert {k: header[k] for k in ("prompts", "positions", "pads")} == expected[header["batch"], header["step"],
+                                                                                   header["name"]]
 
 
 def test_a_missing_frame_is_detected_as_a_gap():

@@ -26,7 +26,8 @@ def test_numpy_and_zipfile_read_back_every_array_exactly(tmp_path, compress):
     write_npz(tmp_path / "a.npz", ARRAYS, compress)
     with zipfile.ZipFile(tmp_path / "a.npz") as archive:
         assert archive.testzip() is None  # every checksum right
-        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED}
+        methods = {i.compress_type for i in archive.infolist()}
+        assert methods == {zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED}
     with np.load(tmp_path / "a.npz") as data:
         assert data.files == list(ARRAYS)
         for name, array in ARRAYS.items():
