@@ -9,6 +9,7 @@ without capture, against mlx-lm. Checks first that the compiled decode step and 
 a table last.
 
     python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--no-four-b]
+                        [--archiver-writers 2,8,16]
 """
 
 from __future__ import annotations
@@ -99,9 +100,14 @@ def run_plain(model, batch, new_tokens, compiled=True):
     return sum(len(r.tokens) for r in results) / seconds, results
 
 
-ARCHIVER = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
-            "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=sys.argv[3] == 'deflate', name='npz')\n"
-            "sys.exit(0 if sink.run() else 1)")
+def archiver(writers=None):
+    """The npz archiver as a sink script (``writers`` threads; default: the archiver's own default)."""
+    return ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
+            "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=sys.argv[3] == 'deflate', name='npz', "
+            f"writers={writers})\nsys.exit(0 if sink.run() else 1)")
+
+
+ARCHIVER = archiver()
 COUNTER = ("import sys\nfrom gemmalens.sinks.base import Subscriber\n"
            "class Counter(Subscriber):\n    topics = ('act.',)\n    def on_activation(self, frame):\n        pass\n"
            "sink = Counter(sys.argv[1], name='count')\nsink.run(timeout=600)\nsys.exit(0 if sink.complete else 1)")
@@ -275,6 +281,8 @@ def main():
     parser.add_argument("--capture-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
+    parser.add_argument("--archiver-writers", type=lambda text: [int(n) for n in text.split(",")], default=[],
+                        help="also measure the npz archiver's own limit with these writer counts (e.g. 2,8,16)")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
     copies = bandwidths()
@@ -326,6 +334,9 @@ def main():
               f"{r['resid'] / r['plain']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
               f"{r['deflate'] / r['plain']:>7.0%} {r['all']:>13.0f} {r['all bus'] / 1e6:>9.0f} "
               f"{r['limit'] / 1e6:>11.0f} {r['all bus'] / r['limit']:>9.0%} {r['peak']:>8.1f}")
+    for writers in args.archiver_writers:  # what the archiver itself takes: frames already on the host
+        limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers), workers=1, repeats=400)
+        print(f"npz archiver with {writers} writers, resid_out frames of batch 64: {limit / 1e6:.0f} MB/s")
     if args.four_b:
         del model, weights
         mx.clear_cache()

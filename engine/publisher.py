@@ -244,7 +244,7 @@ class Publisher:
         return text
 
     def _send(self, frame) -> None:
-        if len(frame) == 5:  # an activation: its header is completed here, where sequence numbers are given
+        if isinstance(frame, tuple):  # an encoded activation: its header is completed here, with its sequence number
             topic, fields, rows, payload, raw = frame
             header = json.dumps({"v": VERSION, "run": self.run_id, "engine": self.engine_id, "seq": self.counts[topic],
                                  **fields})
