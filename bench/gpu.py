@@ -9,7 +9,7 @@ without capture, against mlx-lm. Checks first that the compiled decode step and 
 a table last.
 
     python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--no-four-b]
-                        [--archiver-writers 2,8,16]
+                        [--archiver-writers 2,8,16] [--engine-breakdown]
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import gemmalens  # noqa: F401  (the engine's set-up before MLX)
@@ -232,6 +234,43 @@ def decode_breakdown(model, batch=1, steps=30):
     return out
 
 
+HEADERS = ("import json, sys\nfrom gemmalens.sinks.base import Subscriber\n"
+           "class Headers(Subscriber):\n    topics = ('act.',)\n    def handle(self, parts):\n"
+           "        if parts[0].startswith(b'act.'):  # counted, not decoded\n"
+           "            header = json.loads(parts[1]); key = (header['engine'], parts[0].decode())\n"
+           "            self.received[key] = self.received.get(key, 0) + 1; self.expected_seq[key] = header['seq'] + 1\n"
+           "        else:\n            super().handle(parts)\n"
+           "sink = Headers(sys.argv[1], name='headers')\nsink.run(timeout=600)\nsys.exit(0 if sink.complete else 1)")
+
+
+def engine_breakdown(model, batch=64, new_tokens=128, patterns=("model.layers.*.resid_out",)):
+    """Where a captured run loses speed in the engine's process: tokens/s of plain generation (median of three),
+    capturing without copying to the host, capturing with each step's values copied in another thread (as the
+    publisher does) but not sent, and publishing to a subscriber that reads only headers."""
+    config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
+    selection = select(model.config, list(patterns), [], positions="generated")
+
+    def captured(copy):
+        copies: queue.Queue = queue.Queue(maxsize=256)
+        copier = threading.Thread(target=lambda: [event.host() for event in iter(copies.get, None)])
+        copier.start()
+        started, tokens = time.perf_counter(), 0
+        for event in generate(model, IdTokenizer(), prompts_for(batch), config, selection):
+            if isinstance(event, ActivationEvent) and copy:
+                copies.put(event)
+            elif isinstance(event, StepEvent):
+                tokens += len(event.tokens)
+        copies.put(None)
+        copier.join()
+        return tokens / (time.perf_counter() - started)
+
+    out = {"plain": statistics.median(run_plain(model, batch, new_tokens)[0] for _ in range(3))}
+    out["capture, no copies"] = captured(copy=False)
+    out["capture + copies"] = captured(copy=True)
+    out["published, headers read"] = run_captured(model, batch, new_tokens, patterns, sink=HEADERS)[0]
+    return out
+
+
 def bandwidths():
     """GB/s: device to device; device to host by ``np.array`` and by the engine's copier (64 MiB, best of 3)."""
     a = mx.random.normal((1 << 28,)).astype(mx.bfloat16)  # 512 MiB
@@ -281,6 +320,8 @@ def main():
     parser.add_argument("--capture-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
+    parser.add_argument("--engine-breakdown", action="store_true",
+                        help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
     parser.add_argument("--archiver-writers", type=lambda text: [int(n) for n in text.split(",")], default=[],
                         help="also measure the npz archiver's own limit with these writer counts (e.g. 2,8,16)")
     args = parser.parse_args()
@@ -334,6 +375,10 @@ def main():
               f"{r['resid'] / r['plain']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
               f"{r['deflate'] / r['plain']:>7.0%} {r['all']:>13.0f} {r['all bus'] / 1e6:>9.0f} "
               f"{r['limit'] / 1e6:>11.0f} {r['all bus'] / r['limit']:>9.0%} {r['peak']:>8.1f}")
+    if args.engine_breakdown:
+        parts = engine_breakdown(model)
+        print("engine's process, resid_out at batch 64: " + ", ".join(
+            f"{k} {v:.0f} tok/s ({v / parts['plain']:.0%})" for k, v in parts.items()), flush=True)
     for writers in args.archiver_writers:  # what the archiver itself takes: frames already on the host
         limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers), workers=1, repeats=400)
         print(f"npz archiver with {writers} writers, resid_out frames of batch 64: {limit / 1e6:.0f} MB/s")
