@@ -141,9 +141,11 @@ class StagedFile:
     """
 
     CHUNK = 1 << 26
+    KEEP = 1 << 28  # memory kept between files; a larger file's memory goes back once it is written
 
     def __init__(self, capacity: int = 1 << 24):
-        self._memory = mmap.mmap(-1, _aligned(capacity))
+        self.capacity = _aligned(capacity)
+        self._memory = mmap.mmap(-1, self.capacity)
         self.bytes = np.frombuffer(self._memory, dtype=np.uint8)
         self.size = 0
         self._scratch = np.empty(0, dtype=np.uint32)
@@ -204,6 +206,11 @@ class StagedFile:
         finally:
             os.close(descriptor)
         self.clear()
+        if self.bytes.size > self.KEEP:  # a prompt pass with attention captured: do not hold its size all run long
+            self._memory = mmap.mmap(-1, self.capacity)
+            self.bytes = np.frombuffer(self._memory, dtype=np.uint8)
+        if self._scratch.nbytes > self.KEEP:
+            self._scratch = np.empty(0, dtype=np.uint32)
 
     def _write_all(self, descriptor: int, size: int) -> None:
         view = memoryview(self._memory)

@@ -102,3 +102,14 @@ def test_a_file_system_that_refuses_direct_io_gets_the_file_through_the_page_cac
     staged.write_to(tmp_path / "file")
     assert (tmp_path / "file").read_bytes() == b"values"
     assert calls[0] and not calls[-1]  # tried directly first, then written through the cache
+
+
+def test_memory_grown_for_a_large_file_is_given_back_once_it_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(StagedFile, "KEEP", 1 << 16)
+    staged = StagedFile(capacity=4096)
+    staged.put(0, np.arange(1 << 16, dtype=np.uint32))  # 256 kB: grows past what is kept
+    staged.size = 1 << 18
+    staged.widened(np.zeros(1 << 15, np.uint16))  # 128 kB of widening scratch
+    staged.write_to(tmp_path / "large")
+    assert staged.bytes.size == 4096 and staged._scratch.nbytes == 0
+    assert (tmp_path / "large").read_bytes() == np.arange(1 << 16, dtype=np.uint32).tobytes()
