@@ -83,9 +83,10 @@ def decode_array(payload: bytes, header: dict[str, Any], bfloat16_as: str = "flo
     return array
 
 
-def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 values given as their uint16 patterns, widened to float32 (exact)."""
-    return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)  # one pass, no uint32 temporary
+def bfloat16_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 values given as their uint16 patterns, widened to float32 (exact); into ``out`` (uint32 memory of
+    the same shape) if given."""
+    return np.left_shift(bits, 16, dtype=np.uint32, out=out).view(np.float32)  # one pass, no uint32 temporary
 
 
 def message(topic: bytes | str, header: dict[str, Any], payload: bytes | Any = b"") -> list:

@@ -221,10 +221,14 @@ class Publisher:
         _, topic, kind, body = item
         return self._frame(topic, {"kind": kind}, body)
 
-    def _frame(self, topic: str, header: dict[str, Any], payload) -> list[bytes]:
-        header = {"v": VERSION, "run": self.run_id, "engine": self.engine_id, "seq": self.counts[topic], **header}
+    def _frame(self, topic: str, fields: dict[str, Any], payload) -> list[bytes]:
+        return message(topic, self._header(topic, fields), payload)
+
+    def _header(self, topic: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """The fields every header has, with the topic's next sequence number, then ``fields``."""
+        header = {"v": VERSION, "run": self.run_id, "engine": self.engine_id, "seq": self.counts[topic], **fields}
         self.counts[topic] += 1
-        return message(topic, header, payload)
+        return header
 
     def _encode(self, event: ActivationEvent):
         array, dtype = event.host()
@@ -246,9 +250,7 @@ class Publisher:
     def _send(self, frame) -> None:
         if isinstance(frame, tuple):  # an encoded activation: its header is completed here, with its sequence number
             topic, fields, rows, payload, raw = frame
-            header = json.dumps({"v": VERSION, "run": self.run_id, "engine": self.engine_id, "seq": self.counts[topic],
-                                 **fields})
-            self.counts[topic] += 1
+            header = json.dumps(self._header(topic, fields))
             parts = [topic.encode(), f"{header[:-1]}, {rows}}}".encode(), payload]
             self.bytes_raw += raw
             self.bytes_wire += len(payload)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemmalens.engine.frames import bfloat16_to_float32
+
 ALIGN = 4096  # direct I/O wants memory, length and offset in multiples of the block size
 NPY_ALIGN = 64  # where stored values start, relative to the file
 
@@ -91,7 +93,7 @@ def _entry(staged: StagedFile, name: str, array: np.ndarray, widen: bool, compre
         staged.put(body, header)
         target = staged.bytes[body + len(header) : body + size]
         if widen:  # bfloat16 patterns to float32 values, in place
-            np.left_shift(array, 16, dtype=np.uint32, out=target.view(np.uint32).reshape(array.shape))
+            bfloat16_to_float32(array, out=target.view(np.uint32).reshape(array.shape))
         else:
             target[:] = array.reshape(-1).view(np.uint8)
         crc = zlib.crc32(target, zlib.crc32(header))
@@ -145,8 +147,7 @@ class StagedFile:
 
     def __init__(self, capacity: int = 1 << 24):
         self.capacity = _aligned(capacity)
-        self._memory = mmap.mmap(-1, self.capacity)
-        self.bytes = np.frombuffer(self._memory, dtype=np.uint8)
+        self._map(self.capacity)
         self.size = 0
         self._scratch = np.empty(0, dtype=np.uint32)
 
@@ -161,43 +162,23 @@ class StagedFile:
 
     def reserve(self, size: int) -> None:
         if size > self.bytes.size:
-            memory = mmap.mmap(-1, _aligned(max(size, 2 * self.bytes.size)))
-            grown = np.frombuffer(memory, dtype=np.uint8)
-            grown[: self.size] = self.bytes[: self.size]
-            self._memory, self.bytes = memory, grown  # the old map goes when nothing views it
+            old = self.bytes
+            self._map(_aligned(max(size, 2 * old.size)))
+            self.bytes[: self.size] = old[: self.size]  # the old map goes when nothing views it
 
     def widened(self, bits: np.ndarray) -> np.ndarray:
         """bfloat16 patterns as float32, in memory reused from one call to the next (valid until the next call)."""
         if self._scratch.size < bits.size:
             self._scratch = np.empty(bits.size, dtype=np.uint32)
-        out = self._scratch[: bits.size].reshape(bits.shape)
-        np.left_shift(bits, 16, dtype=np.uint32, out=out)
-        return out.view(np.float32)
+        return bfloat16_to_float32(bits, out=self._scratch[: bits.size].reshape(bits.shape))
 
     def write_to(self, path: Path) -> None:
         """Writes the assembled file to ``path`` (created or truncated) and syncs it; then empties this memory."""
-        size, direct = self.size, getattr(os, "O_DIRECT", 0)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644) if direct else None
-        except OSError as error:  # a file system without direct I/O (tmpfs...)
-            if error.errno != errno.EINVAL:
-                raise
-            descriptor = None
-        if descriptor is not None:
-            try:
-                self.reserve(_aligned(size))
-                self.bytes[size : _aligned(size)] = 0
-                self._write_all(descriptor, _aligned(size))
-                os.ftruncate(descriptor, size)  # the padding that direct I/O needs goes
-            except OSError as error:
-                os.close(descriptor)
-                if error.errno != errno.EINVAL:
-                    raise
-                descriptor = None  # opened, but direct writes refused: write through the page cache instead
-        if descriptor is None:
+        descriptor = self._write_direct(path)
+        if descriptor is None:  # a file system without direct I/O (tmpfs...)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                self._write_all(descriptor, size)
+                self._write_all(descriptor, self.size)
             except BaseException:
                 os.close(descriptor)
                 raise
@@ -207,10 +188,32 @@ class StagedFile:
             os.close(descriptor)
         self.clear()
         if self.bytes.size > self.KEEP:  # a prompt pass with attention captured: do not hold its size all run long
-            self._memory = mmap.mmap(-1, self.capacity)
-            self.bytes = np.frombuffer(self._memory, dtype=np.uint8)
+            self._map(self.capacity)
         if self._scratch.nbytes > self.KEEP:
             self._scratch = np.empty(0, dtype=np.uint32)
+
+    def _write_direct(self, path: Path) -> int | None:
+        """Writes the file bypassing the page cache; its open descriptor, or None where direct I/O is refused."""
+        direct, size = getattr(os, "O_DIRECT", 0), self.size
+        if not direct:
+            return None
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            return None
+        try:
+            self.reserve(_aligned(size))
+            self.bytes[size : _aligned(size)] = 0
+            self._write_all(descriptor, _aligned(size))
+            os.ftruncate(descriptor, size)  # the padding that direct I/O needs goes
+        except OSError as error:
+            os.close(descriptor)
+            if error.errno != errno.EINVAL:
+                raise
+            return None  # opened, but direct writes refused
+        return descriptor
 
     def _write_all(self, descriptor: int, size: int) -> None:
         view = memoryview(self._memory)
@@ -220,6 +223,10 @@ class StagedFile:
                 done += os.pwrite(descriptor, view[done : min(size, done + self.CHUNK)], done)
         finally:
             view.release()
+
+    def _map(self, capacity: int) -> None:
+        self._memory = mmap.mmap(-1, capacity)
+        self.bytes = np.frombuffer(self._memory, dtype=np.uint8)
 
 
 def _aligned(size: int) -> int:
