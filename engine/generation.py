@@ -171,7 +171,7 @@ class DecodeStep:
     def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool = True):
         self.cache = cache
         self._slots = mx.arange(cache.capacity)  # its length tells the traced step the capacity
-        model.keep_norm_scales()
+        model.keep_derived()
         key = (id(model), names, compiled)
         if key not in DecodeStep._functions:
             DecodeStep._functions[key] = _decode_function(model, names, compiled)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .cache import Cache, GlobalCache, SlidingCache
 from .capture import NO_CAPTURE, Capture
 from .config import Gemma3Config
@@ -52,6 +53,24 @@ class RMSNorm(nn.Module):
         return (1.0 + self.weight.astype(mx.float32)).astype(dtype)  # formed in float32, as transformers does
 
 
+class Linear(nn.Linear):
+    """A projection without bias, ``x @ weight.T``; ``keep_transposed`` keeps the transposed view with the weight,
+    so a compiled step reads it as it is instead of holding a transpose of every weight."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__(inputs, outputs, bias=False)
+        object.__setattr__(self, "_kept", None)  # (weight, weight.T) from keep_transposed; not a parameter
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kept = self._kept
+        return x @ (kept[1] if kept is not None and kept[0] is self.weight else self.weight.T)
+
+    def keep_transposed(self) -> mx.array:
+        transposed = self.weight.T
+        object.__setattr__(self, "_kept", (self.weight, transposed))
+        return transposed
+
+
 class Rotary:
     """Split-half rotary embedding (``rotate_half`` pairs i with i + D/2) from per-row start positions."""
 
@@ -71,10 +90,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.query_pre_attn_scalar**-0.5
         hidden, width, kv_width = config.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, width, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_width, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_width, bias=False)
-        self.o_proj = nn.Linear(width, hidden, bias=False)
+        self.q_proj = Linear(hidden, width)
+        self.k_proj = Linear(hidden, kv_width)
+        self.v_proj = Linear(hidden, kv_width)
+        self.o_proj = Linear(width, hidden)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.p = f"{prefix}.self_attn."
@@ -99,7 +118,7 @@ class Attention(nn.Module):
         if cap.wants(p + "attn_scores", p + "attn_weights"):
             out = self._explicit(queries, keys, values, view, cap)
         else:
-            out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=view.mask)
+            out = kernels.attention(queries, keys, values, self.scale, view.mask)
         out = cap(p + "attn_out", out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return cap(p + "o_proj_out", self.o_proj(out))
 
@@ -120,9 +139,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Gemma3Config, prefix: str):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         self.p = f"{prefix}.mlp."
 
     def __call__(self, x, cap: Capture):
@@ -193,9 +212,12 @@ class Gemma3(nn.Module):
         ]
         return Cache(layers, mx.array(0, mx.int32), capacity)
 
-    def keep_norm_scales(self) -> None:
-        """Forms every norm's ``1 + weight`` once (they are reformed when weights change); decode steps call it."""
-        mx.eval([m.keep_scale(self.dtype) for _, m in self.named_modules() if isinstance(m, RMSNorm)])
+    def keep_derived(self) -> None:
+        """Forms every norm's ``1 + weight`` and every projection's transposed view once, evaluated, so a compiled
+        decode step finds them ready (they are formed again when weights change); decode steps call it."""
+        modules = [m for _, m in self.named_modules()]
+        mx.eval([m.keep_scale(self.dtype) for m in modules if isinstance(m, RMSNorm)]
+                + [m.keep_transposed() for m in modules if isinstance(m, Linear)])
 
     def __call__(
         self,

@@ -98,11 +98,13 @@ def test_bfloat16_logits_stay_close_to_float32():
     assert relative_error(half, full) < 3e-2
 
 
-def test_kept_norm_scales_follow_new_weights():
+def test_kept_norm_scales_and_transposes_change_nothing_and_follow_new_weights():
     config = tiny_config()
     model = mlx_model(config, random_weights(config, seed=1))
-    model.keep_norm_scales()
+    ids = mx.array([list(range(3, 20))])
+    before = model(ids)
+    model.keep_derived()
+    assert mx.array_equal(model(ids), before)
     other = random_weights(config, seed=2)
     model.load_weights([(k, mx.array(v)) for k, v in other.items()])
-    ids = mx.array([list(range(3, 20))])
     assert mx.array_equal(model(ids), mlx_model(config, other)(ids))

@@ -1,0 +1,43 @@
+"""The decode attention kernel's dispatch: where it runs, and that everywhere else MLX's attention runs unchanged.
+
+The kernel itself needs a CUDA GPU; `bench/gpu.py` checks it there against a float32 reference on the CPU."""
+
+import mlx.core as mx
+import pytest
+
+from gemmalens.engine import kernels
+
+
+def decode_inputs(batch=2, heads=4, groups=2, length=1, keys=40, dim=64):
+    k = mx.random.split(mx.random.key(0), 4)
+    queries = mx.random.normal((batch, heads, length, dim), key=k[0])
+    cached = [mx.random.normal((batch, groups, keys, dim), key=key) for key in k[1:3]]
+    seen = mx.random.uniform(shape=(batch, 1, length, keys), key=k[3]) < 0.5
+    mask = mx.where(seen | (mx.arange(keys) == 0), mx.array(0.0), mx.array(-mx.inf))
+    return queries, *cached, mask
+
+
+def test_without_cuda_the_attention_is_mlx_s_own():
+    queries, keys, values, mask = decode_inputs()
+    got = kernels.attention(queries, keys, values, 0.125, mask)
+    assert mx.array_equal(got, mx.fast.scaled_dot_product_attention(queries, keys, values, scale=0.125, mask=mask))
+
+
+@pytest.mark.parametrize("change, fits", [
+    ({}, True),
+    ({"length": 2}, False),  # the prompt pass: MLX's attention
+    ({"keys": kernels.MAX_KEYS + 1}, False),
+    ({"dim": 48}, False),  # not a whole number of elements per lane
+    ({"dim": 1024}, False),
+])
+def test_the_kernel_takes_single_token_steps_of_supported_shapes_on_cuda(monkeypatch, change, fits):
+    monkeypatch.setattr(kernels, "_on_cuda", lambda: True)
+    queries, keys, _, mask = decode_inputs(**change)
+    assert kernels._fits_kernel(queries, keys, mask) is fits
+
+
+def test_the_kernel_needs_cuda(monkeypatch):
+    queries, keys, _, mask = decode_inputs()
+    monkeypatch.setattr(kernels, "_on_cuda", lambda: False)
+    assert not kernels._fits_kernel(queries, keys, mask)
+
