@@ -5,10 +5,12 @@ npz archiver (files stored, then compressed as `gemmalens run` writes them by de
 every point except attention (scores and weights) to a subscriber that decodes every frame; the bus's own
 limit for those frames (the same frames, already on the host, sent again); mlx-lm's Gemma 3 on the same
 weights and inputs. Prompt 64 tokens, 128 new tokens, greedy, batch 1, 16, 64; then 4B shapes at batch 16
-without capture, against mlx-lm. Checks first that the compiled decode step and the eager one agree. Prints
-a table last.
+without capture, against mlx-lm. gemmalens, resid_out -> npz and mlx-lm run in interleaved rounds (the card's
+speed drifts between runs) and their medians are reported, ratios as the median of each round's. Checks first
+that the compiled decode step and the eager one agree, and the decode attention kernel (engine/kernels.py)
+against float32 attention on the CPU beside MLX's own. Prints a table last.
 
-    python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--no-four-b]
+    python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--rounds 3] [--no-four-b]
                         [--archiver-writers 2,8,16] [--engine-breakdown]
 """
 
@@ -179,7 +181,12 @@ def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8):
     return repeats * raw / (publisher.ended - publisher.started)
 
 
-def run_mlx_lm(config, weights, batch, new_tokens):
+def spread(values, spec=".0f"):
+    """The median of ``values`` and, in brackets, all of them in the order they were measured."""
+    return f"{statistics.median(values):{spec}} ({' '.join(f'{v:{spec}}' for v in values)})"
+
+
+def run_mlx_lm(config, weights, batch, new_tokens, warm_up=True):
     from mlx_lm.generate import batch_generate, generate_step
     from mlx_lm.models.gemma3_text import Model, ModelArgs
 
@@ -198,7 +205,7 @@ def run_mlx_lm(config, weights, batch, new_tokens):
 
     tokenizer = SimpleNamespace(eos_token_ids=set(), decode=lambda ids: "")
     rate = 0.0
-    for _ in range(2):  # the first run warms up (kernels for these shapes); the second is timed
+    for _ in range(2 if warm_up else 1):  # a first run warms up (kernels for these shapes); the last is timed
         started = time.perf_counter()
         if batch == 1:
             steps = generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)
@@ -314,11 +321,44 @@ def check_compiled_equals_eager(model):
     return all(same), rel
 
 
+def check_attention_kernel():
+    """Max absolute error of the decode attention kernel and of MLX's own attention on the GPU against float32
+    attention computed on the CPU, per dtype, over decode shapes (1B and 4B heads, masks with hidden keys)."""
+    from gemmalens.engine import kernels
+
+    def reference(q, k, v, scale, mask):
+        with mx.stream(mx.cpu):
+            B, H, L, D = q.shape
+            G = k.shape[1]
+            q, k, v, mask = (x.astype(mx.float32) for x in (q, k, v, mask))
+            scores = (q.reshape(B, G, H // G, L, D) * scale) @ k[:, :, None].swapaxes(-1, -2)
+            weights = mx.softmax(scores.reshape(B, H, L, -1) + mask, axis=-1)
+            return (weights.reshape(B, G, H // G, L, -1) @ v[:, :, None]).reshape(B, H, L, D)
+
+    errors = {}
+    for dtype in (mx.bfloat16, mx.float32):
+        for B, H, G, K in [(1, 4, 1, 256), (64, 4, 1, 256), (3, 8, 4, 1024), (2, 4, 1, kernels.MAX_KEYS)]:
+            key = mx.random.split(mx.random.key(B * K + H), 4)
+            q = mx.random.normal((B, H, 1, 256), key=key[0]).astype(dtype)
+            k, v = (mx.random.normal((B, G, K, 256), key=key[i]).astype(dtype) for i in (1, 2))
+            seen = (mx.random.uniform(shape=(B, 1, 1, K), key=key[3]) < 0.6) | (mx.arange(K) == 0)
+            mask = mx.where(seen, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+            want = reference(q, k, v, 0.0625, mask)
+            for label, got in (("kernel", kernels.attention(q, k, v, 0.0625, mask)),
+                               ("mlx", mx.fast.scaled_dot_product_attention(q, k, v, scale=0.0625, mask=mask))):
+                error = mx.abs(np.array(got.astype(mx.float32)) - np.array(want)).max().item()
+                name = (label, str(dtype).rsplit(".", 1)[-1])
+                errors[name] = max(errors.get(name, 0.0), error)
+    return errors
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--capture-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of gemmalens, resid_out -> npz and mlx-lm, interleaved, per batch (medians reported)")
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
     parser.add_argument("--engine-breakdown", action="store_true",
                         help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
@@ -334,6 +374,9 @@ def main():
     model = gemmalens_model(ONE_B, weights)
     same, rel = check_compiled_equals_eager(model)
     print(f"compiled vs eager: greedy tokens identical {same}; logits relative difference {rel:.2e}", flush=True)
+    errors = check_attention_kernel()
+    print("decode attention, max |error| against float32 on the CPU: " + ", ".join(
+        f"{label} {dtype} {error:.1e}" for (label, dtype), error in errors.items()), flush=True)
     bytes_per_token = sum(v.nbytes for v in weights.values())
     for batch in (1, 64):
         decode_breakdown(model, batch)  # warm-up
@@ -343,36 +386,39 @@ def main():
     for batch in map(int, args.batches.split(",")):
         row = {"batch": batch}
         run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
-        plain = [run_plain(model, batch, args.new_tokens)[0]]
-        mx.reset_peak_memory()
-        plain.append(run_plain(model, batch, args.new_tokens)[0])
-        row["peak"] = mx.get_peak_memory() / 1e9
-        row["mlx-lm"] = run_mlx_lm(ONE_B, weights, batch, args.new_tokens)
         run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
-        row["resid"], row["resid bus"], row["sink start"] = run_captured(model, batch, args.new_tokens,
-                                                                         ["model.layers.*.resid_out"])
-        plain.append(run_plain(model, batch, args.new_tokens)[0])  # own speed on either side of the captured runs
+        mx.reset_peak_memory()
+        run_plain(model, batch, args.new_tokens)
+        row["peak"] = mx.get_peak_memory() / 1e9
+        plain, theirs, resid = [], [], []
+        for r in range(args.rounds):  # interleaved: the card's and the host's speed drift between runs
+            plain.append(run_plain(model, batch, args.new_tokens)[0])
+            resid.append(run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"]))
+            theirs.append(run_mlx_lm(ONE_B, weights, batch, args.new_tokens, warm_up=r == 0))
+        row["plain"], row["mlx-lm"] = statistics.median(plain), statistics.median(theirs)
+        row["ratio"] = statistics.median(p / t for p, t in zip(plain, theirs))
+        row["resid"], row["resid bus"] = (statistics.median(run[i] for run in resid) for i in (0, 1))
+        row["resid vs own"] = statistics.median(run[0] / p for run, p in zip(resid, plain))
         row["deflate"], _, _ = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
                                             storage="deflate")
-        row["plain"] = statistics.median(plain)  # the card's speed moves from one run to the next
         row["all"], row["all bus"], _ = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
                                                      sink=COUNTER, workers=8)
         row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
         rows.append(row)
-        print(f"batch {batch}: gemmalens {row['plain']:.0f} tok/s (median of {', '.join(f'{p:.0f}' for p in plain)}), "
-              f"mlx-lm {row['mlx-lm']:.0f}, resid {row['resid']:.0f} "
-              f"({row['resid bus'] / 1e6:.0f} MB/s; compressed files {row['deflate']:.0f}; the archiver took "
-              f"{row['sink start']:.1f} s to start, not counted), all-but-attention "
-              f"{row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit {row['limit'] / 1e6:.0f} MB/s)", flush=True)
+        print(f"batch {batch}: gemmalens {spread(plain)} tok/s, mlx-lm {spread(theirs)}, resid -> npz "
+              f"{spread([run[0] for run in resid])} ({spread([run[1] / 1e6 for run in resid])} MB/s; the archiver took "
+              f"{spread([run[2] for run in resid], '.1f')} s to start, not counted); compressed files "
+              f"{row['deflate']:.0f}; all-but-attention {row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit "
+              f"{row['limit'] / 1e6:.0f} MB/s)", flush=True)
     floor = device_bw * 1e9 / bytes_per_token
     print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")
     print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'ratio':>6} {'floor%':>7} {'resid->npz':>11} {'vs own':>7} "
           f"{'bus MB/s':>9} {'deflated':>9} {'vs own':>7} {'all-but-attn':>13} {'bus MB/s':>9} {'limit MB/s':>11} "
           f"{'of limit':>9} {'peak GB':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['plain']:>10.0f} {r['mlx-lm']:>8.0f} {r['plain'] / r['mlx-lm']:>6.2f} "
+        print(f"{r['batch']:>5} {r['plain']:>10.0f} {r['mlx-lm']:>8.0f} {r['ratio']:>6.2f} "
               f"{(r['plain'] / floor if r['batch'] == 1 else float('nan')):>7.1%} {r['resid']:>11.0f} "
-              f"{r['resid'] / r['plain']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
+              f"{r['resid vs own']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
               f"{r['deflate'] / r['plain']:>7.0%} {r['all']:>13.0f} {r['all bus'] / 1e6:>9.0f} "
               f"{r['limit'] / 1e6:>11.0f} {r['all bus'] / r['limit']:>9.0%} {r['peak']:>8.1f}")
     if args.engine_breakdown:
