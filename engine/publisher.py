@@ -53,7 +53,7 @@ class Publisher:
         reliable: str | list[str] | None = None,
         lossy: str | list[str] | None = None,
         expect: int = 0,
-        codec: str = "lz4+shuffle",
+        codec: str = "lz4",
         queue_size: int = 64,
         workers: int = 2,
         context: zmq.Context | None = None,
