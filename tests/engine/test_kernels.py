@@ -41,3 +41,34 @@ def test_the_kernel_needs_cuda(monkeypatch):
     monkeypatch.setattr(kernels, "_on_cuda", lambda: False)
     assert not kernels._fits_kernel(queries, keys, mask)
 
+
+
+def test_single_token_steps_of_the_model_reach_the_kernel_with_a_block_per_row_and_head(monkeypatch):
+    """The glue between the model and the kernel, with CUDA reported and the kernel computed by MLX's attention:
+    every decode step of every layer goes to it, launched as one block of 32 x WARPS threads per row and head."""
+    import numpy as np
+    from helpers import mlx_model, random_weights, relative_error, tiny_config
+
+    launches = []
+
+    def kernel(scale):
+        def launch(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            queries, keys, values, mask = inputs
+            B, H, L, D = queries.shape
+            assert (L, dict(template)["D"], output_shapes, output_dtypes) == (1, D, [queries.shape], [queries.dtype])
+            assert threadgroup == (32 * kernels.WARPS, 1, 1) and grid == (B * H * threadgroup[0], 1, 1)
+            launches.append(keys.shape[2])
+            return [mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)]
+        return launch
+
+    monkeypatch.setattr(kernels, "_on_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "_kernel", kernel)
+    config = tiny_config()
+    model = mlx_model(config, random_weights(config))
+    ids = mx.array(np.random.default_rng(3).integers(3, 512, size=(2, 20)), dtype=mx.int32)
+    cache = model.make_cache(2, 20)
+    steps = [model(ids[:, :5], cache=cache)]
+    assert launches == []  # the prompt pass keeps MLX's attention
+    steps += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 20)]
+    assert len(launches) == 15 * config.num_hidden_layers
+    assert relative_error(np.array(mx.concatenate(steps, axis=1)), np.array(model(ids))) < 1e-5
