@@ -9,7 +9,7 @@ whole attention fits one kernel: a block of eight warps per (row, query head)
 streams that row's keys once, each warp keeping a running maximum, sum and
 weighted value sum (float32) over every eighth key, and the warps' partial
 results are combined at the end. Everywhere else (the CPU, Apple silicon, the
-prompt pass, keys past ``MAX_KEYS``) MLX's own attention runs.
+prompt pass, keys past ``MAX_KEYS``, shapes and dtypes not checked on a GPU) MLX's own attention runs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ import mlx.core as mx
 
 MAX_KEYS = 4096  # one block per (row, head) reads all keys; past this MLX's attention spreads wider
 WARPS = 8
+# What bench/gpu.py checks against float32 attention (Gemma 3 270M to 12B); other head sizes and float16 are
+# written for (a whole number of elements per lane, up to 512) but take MLX's attention until checked on a GPU.
+HEAD_DIMS = (256,)
+DTYPES = (mx.bfloat16, mx.float32)
 
 _SOURCE = """
     constexpr int PER = D / 32;  // elements of a head vector per lane
@@ -86,8 +90,8 @@ def _fits_kernel(queries: mx.array, keys: mx.array, mask: mx.array) -> bool:
     B, H, L, D = queries.shape
     return (
         L == 1
-        and D % 32 == 0
-        and D <= 512
+        and D in HEAD_DIMS
+        and queries.dtype in DTYPES
         and keys.shape[2] <= MAX_KEYS
         and H % keys.shape[1] == 0
         and mask.shape == (B, 1, 1, keys.shape[2])

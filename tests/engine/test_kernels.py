@@ -8,10 +8,10 @@ import pytest
 from gemmalens.engine import kernels
 
 
-def decode_inputs(batch=2, heads=4, groups=2, length=1, keys=40, dim=64):
+def decode_inputs(batch=2, heads=4, groups=2, length=1, keys=40, dim=256, dtype=mx.float32):
     k = mx.random.split(mx.random.key(0), 4)
-    queries = mx.random.normal((batch, heads, length, dim), key=k[0])
-    cached = [mx.random.normal((batch, groups, keys, dim), key=key) for key in k[1:3]]
+    queries = mx.random.normal((batch, heads, length, dim), key=k[0]).astype(dtype)
+    cached = [mx.random.normal((batch, groups, keys, dim), key=key).astype(dtype) for key in k[1:3]]
     seen = mx.random.uniform(shape=(batch, 1, length, keys), key=k[3]) < 0.5
     mask = mx.where(seen | (mx.arange(keys) == 0), mx.array(0.0), mx.array(-mx.inf))
     return queries, *cached, mask
@@ -27,8 +27,9 @@ def test_without_cuda_the_attention_is_mlx_s_own():
     ({}, True),
     ({"length": 2}, False),  # the prompt pass: MLX's attention
     ({"keys": kernels.MAX_KEYS + 1}, False),
-    ({"dim": 48}, False),  # not a whole number of elements per lane
-    ({"dim": 1024}, False),
+    ({"dtype": mx.bfloat16}, True),
+    ({"dim": 128}, False),  # head sizes and dtypes not checked on a GPU: MLX's attention
+    ({"dtype": mx.float16}, False),
 ])
 def test_the_kernel_takes_single_token_steps_of_supported_shapes_on_cuda(monkeypatch, change, fits):
     monkeypatch.setattr(kernels, "_on_cuda", lambda: True)
@@ -63,7 +64,7 @@ def test_single_token_steps_of_the_model_reach_the_kernel_with_a_block_per_row_a
 
     monkeypatch.setattr(kernels, "_on_cuda", lambda: True)
     monkeypatch.setattr(kernels, "_kernel", kernel)
-    config = tiny_config()
+    config = tiny_config(head_dim=256)
     model = mlx_model(config, random_weights(config))
     ids = mx.array(np.random.default_rng(3).integers(3, 512, size=(2, 20)), dtype=mx.int32)
     cache = model.make_cache(2, 20)
