@@ -31,7 +31,7 @@ import numpy as np
 from gemmalens.engine.selection import Selection, is_attention
 
 from .base import Subscriber
-from .npzfile import write_npz
+from .npzfile import partial_path, write_npz
 
 INDEX = "activations_index.json"
 BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
@@ -43,7 +43,7 @@ def step_file(step: int, batch: int) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` through a synced temporary file and a rename: readers never see half a file."""
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     with open(partial, "wb") as handle:
         handle.write(data)
         handle.flush()

@@ -61,9 +61,14 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool, widen: 
              | when.tm_sec // 2)
     entries = [_entry(staged, name, array, name in widen, compress, stamp) for name, array in arrays.items()]
     _directory(staged, entries, stamp)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     staged.write_to(partial)
     os.replace(partial, path)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a file is written before it is renamed to ``path`` (hidden; a crash leaves only this behind)."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def _entry(staged: StagedFile, name: str, array: np.ndarray, widen: bool, compress: bool, stamp) -> tuple:

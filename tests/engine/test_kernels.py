@@ -43,7 +43,6 @@ def test_the_kernel_needs_cuda(monkeypatch):
     assert not kernels._fits_kernel(queries, keys, mask)
 
 
-
 def test_single_token_steps_of_the_model_reach_the_kernel_with_a_block_per_row_and_head(monkeypatch):
     """The glue between the model and the kernel, with CUDA reported and the kernel computed by MLX's attention:
     every decode step of every layer goes to it, launched as one block of 32 x WARPS threads per row and head."""

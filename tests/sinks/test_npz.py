@@ -117,4 +117,3 @@ def test_a_failed_write_stops_the_sink_and_keeps_the_batches_already_indexed(tmp
     activations = gemmalens.open_activations(tmp_path)
     assert activations.prompts == [0]
     assert activations.get("a")[0][0][1].tolist() == [[1.0] * 3] * 2
-
