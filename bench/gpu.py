@@ -163,16 +163,16 @@ def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, work
             publisher.started - publisher.spawned)
 
 
-def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8):
+def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8, storage="stored"):
     """MB/s of raw activations the bus carries (publisher, lz4, ``workers`` threads, ipc, a sink in another process;
-    default: one that decodes every frame) when the frames are on the host already: one decode step's frames and
-    tokens of ``batch``, sent ``repeats`` times."""
+    default: one that decodes every frame; an archiver writes its files as ``storage`` says) when the frames are on
+    the host already: one decode step's frames and tokens of ``batch``, sent ``repeats`` times."""
     config = GenerationConfig(max_tokens=2, sampling=GREEDY, batch_size=batch)
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
     events = [e for e in generate(model, IdTokenizer(), prompts_for(batch), config, selection)
               if isinstance(e, (ActivationEvent, StepEvent)) and e.step == 1]
     raw = sum(e.host()[0].nbytes for e in events if isinstance(e, ActivationEvent))  # fetched once, then reused
-    with sink_process(sink or COUNTER, workers) as publisher:
+    with sink_process(sink or COUNTER, workers, storage) as publisher:
         publisher.start({"capture": selection.to_dict()})
         for i in range(repeats):
             for event in events:
@@ -426,8 +426,11 @@ def main():
         print("engine's process, resid_out at batch 64: " + ", ".join(
             f"{k} {v:.0f} tok/s ({v / parts['plain']:.0%})" for k, v in parts.items()), flush=True)
     for writers in args.archiver_writers:  # what the archiver itself takes: frames already on the host
-        limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers), workers=1, repeats=400)
-        print(f"npz archiver with {writers} writers, resid_out frames of batch 64: {limit / 1e6:.0f} MB/s")
+        for storage in ("stored", "deflate"):
+            limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers), workers=1,
+                              repeats=400, storage=storage)
+            print(f"npz archiver with {writers} writers, resid_out frames of batch 64, files {storage}: "
+                  f"{limit / 1e6:.0f} MB/s", flush=True)
     if args.four_b:
         del model, weights
         mx.clear_cache()

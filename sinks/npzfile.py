@@ -9,9 +9,12 @@ few ``struct.pack`` calls: its values are copied (or widened from bfloat16)
 straight to their place in the file's memory and checksummed there, outside
 the GIL.
 
-The file is what ``numpy.savez`` writes (``compress``: ``savez_compressed``,
-at deflate level 1): a zip of ``<name>.npy`` entries with ZIP64 records, so
-plain ``numpy.load`` and ``zipfile`` read it. Stored entries start their
+The file is what ``numpy.savez`` writes (``compress``: what ``savez_compressed``
+writes, deflated by ISA-L at its level 1): a zip of ``<name>.npy`` entries with
+ZIP64 records, so plain ``numpy.load`` and ``zipfile`` read it. ISA-L's deflate
+(``isal``) ran 6.5 times as fast as zlib's level 1 on bfloat16 values widened to
+float32 (482 against 74 MB/s on one core of the CPU machine), and its files came
+out smaller (2.07 against 1.93 times); its checksum is 9 times as fast as zlib's. Stored entries start their
 values on a 64-byte boundary (the local header's extra field pads them), as
 the npy format intends for memory mapping.
 """
@@ -26,15 +29,17 @@ import os
 import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
+from isal import isal_zlib
 
 from gemmalens.engine.frames import bfloat16_to_float32
 
 ALIGN = 4096  # direct I/O wants memory, length and offset in multiples of the block size
 NPY_ALIGN = 64  # where stored values start, relative to the file
+DEFLATE_LEVEL = 1  # of ISA-L's 0-3: within 20% of each other in speed on large arrays; 1 packs 10% tighter than 0
+# and, unlike 2 and 3, keeps its speed on small ones (a batch-1 step's 4.6 kB values)
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, sizes, name/extra lengths
 _LOCAL_ZIP64 = struct.Struct("<HHQQ")  # extra field 1: uncompressed, compressed size
@@ -51,7 +56,7 @@ _FULL = 0xFFFFFFFF  # a 32-bit field whose value is in the ZIP64 record
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool, widen: frozenset[str] = frozenset()) -> None:
-    """Writes ``arrays`` as ``numpy.savez`` (``compress``: ``savez_compressed``, at deflate level 1) would, through a
+    """Writes ``arrays`` as ``numpy.savez`` (``compress``: ``savez_compressed``, deflated by ISA-L) would, through a
     synced temporary file renamed to ``path``. The names in ``widen`` hold bfloat16 patterns (uint16), stored as
     float32 (exact) so that plain ``numpy.load`` reads values."""
     staged = _staging()
@@ -87,8 +92,8 @@ def _entry(staged: StagedFile, name: str, array: np.ndarray, widen: bool, compre
     if compress:
         values = staged.widened(array) if widen else array
         raw = values.reshape(-1).view(np.uint8)
-        crc = zlib.crc32(raw, zlib.crc32(header))
-        deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
+        crc = isal_zlib.crc32(raw, isal_zlib.crc32(header))
+        deflate = isal_zlib.compressobj(DEFLATE_LEVEL, isal_zlib.DEFLATED, -15)  # raw deflate, as zip entries hold
         data = b"".join((deflate.compress(header), deflate.compress(raw), deflate.flush()))
         stored = len(data)
         staged.put(body, data)
@@ -101,7 +106,7 @@ def _entry(staged: StagedFile, name: str, array: np.ndarray, widen: bool, compre
             bfloat16_to_float32(array, out=target.view(np.uint32).reshape(array.shape))
         else:
             target[:] = array.reshape(-1).view(np.uint8)
-        crc = zlib.crc32(target, zlib.crc32(header))
+        crc = isal_zlib.crc32(target, isal_zlib.crc32(header))
     method = 8 if compress else 0  # deflate, stored
     local = _LOCAL.pack(0x04034B50, _VERSION, flags, method, stamp[1], stamp[0], crc, _FULL, _FULL, len(filename),
                         _LOCAL_ZIP64.size + pad)
