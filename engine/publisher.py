@@ -12,10 +12,13 @@ Two endpoints:
   frames; the engine never waits for it.
 
 The engine thread hands events to a bounded queue (it blocks only when the
-queue is full); a sender thread converts, compresses and sends: frames of a
-megabyte or more are compressed on a pool of threads (lz4 releases the GIL),
-smaller ones by the sender itself (handing them over would cost more than
-compressing them). Frames of one topic go out in order, and a step's frames
+queue is full), a step's activation frames as one item with the event after
+them (the sender wakes once per step, not once per frame); a sender thread
+converts, compresses and sends: frames of a megabyte or more are compressed on
+a pool of threads (lz4 releases the GIL), smaller ones by the sender itself
+(handing them over would cost more than compressing them), and ZeroMQ copies
+those smaller payloads rather than tracking them for release (a release
+notice per frame wakes pyzmq's collector thread). Frames of one topic go out in order, and a step's frames
 before its tokens (sinks complete a step on its tokens). Every topic has its
 own sequence numbers; ``run.end`` carries the count per topic so each sink can
 check that it has everything.
@@ -38,7 +41,31 @@ from .frames import VERSION, activation_topic, encode_array, message
 from .generation import ActivationEvent, BatchEndEvent, ResultEvent, StepEvent
 
 _STOP = object()
-INLINE_BYTES = 1 << 20  # activation frames below this size are compressed by the sender thread itself
+INLINE_BYTES = 1 << 20  # activation frames below this size are compressed by the sender thread itself, and copied
+
+
+class _FrameQueue(queue.Queue):
+    """A queue whose size counts frames: an item holding n activation frames counts n (any other item 1)."""
+
+    def _init(self, maxsize):
+        super()._init(maxsize)
+        self.frames = 0
+
+    def _qsize(self):
+        return self.frames
+
+    def _put(self, item):
+        super()._put(item)
+        self.frames += _weight(item)
+
+    def _get(self):
+        item = super()._get()
+        self.frames -= _weight(item)
+        return item
+
+
+def _weight(item) -> int:
+    return len(item[1]) if isinstance(item, tuple) and item[0] == "arrays" else 1
 
 
 class PublisherError(RuntimeError):
@@ -72,7 +99,8 @@ class Publisher:
         self.expect = expect
         self.sync_timeout = sync_timeout
         self.context = context or zmq.Context.instance()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue = _FrameQueue(maxsize=queue_size)  # frames waiting for the sender, at most
+        self._held: list[ActivationEvent] = []  # this step's activation events, queued with the next other event
         self._workers = max(1, workers)
         self._pool = ThreadPoolExecutor(max_workers=self._workers)
         self._error: BaseException | None = None
@@ -90,6 +118,7 @@ class Publisher:
 
     def _bind(self, kind, addresses, hwm, curve):
         sock = self.context.socket(kind)
+        sock.copy_threshold = INLINE_BYTES  # smaller payloads copied: no release notice to pyzmq's collector
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 5000)
         if curve is not None:
@@ -119,10 +148,15 @@ class Publisher:
         self._put(("json", "run.start", "run_start", {**run_info, "run": self.run_id}))
 
     def publish(self, event) -> None:
-        """Queues one engine event (blocks only while the queue is full)."""
+        """Queues one engine event (blocks only while the queue is full). Activation events wait for the next
+        event of another kind (the engine follows a step's values with its tokens) and go with it."""
         if isinstance(event, ActivationEvent):
-            self._put(("array", event))
-        elif isinstance(event, StepEvent):
+            self._held.append(event)
+            return
+        if self._held:
+            self._put(("arrays", self._held))
+            self._held = []
+        if isinstance(event, StepEvent):
             self._put(("json", "tokens", "tokens", {"batch": event.batch, "step": event.step, "prompts": event.indices,
                                                     "tokens": event.tokens, "positions": event.positions}))
         elif isinstance(event, ResultEvent):
@@ -137,6 +171,9 @@ class Publisher:
     def finish(self, complete: bool, reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publishes ``run.end`` with the totals, flushes and closes. Returns the totals."""
         totals = {"complete": complete, "reason": reason, **(extra or {})}
+        if self._held:  # a run stopped between a step's values and its tokens: the values still go out
+            self._put(("arrays", self._held))
+            self._held = []
         self._put(("end", totals))
         self._put(_STOP)
         self._thread.join()
@@ -195,13 +232,14 @@ class Publisher:
                 item = self._queue.get()
                 if item is _STOP:
                     break
-                if item[0] == "array":
-                    if item[1].nbytes >= INLINE_BYTES:  # large: compressed in parallel on the pool
-                        pending.append(self._pool.submit(self._encode, item[1]))
-                    else:  # small: a hand-off to the pool would cost more than compressing it here
-                        self._send(self._encode(item[1]))  # may pass large ones: order holds per topic
-                    while len(pending) > 2 * self._workers:
-                        self._send(pending.popleft().result())
+                if item[0] == "arrays":
+                    for event in item[1]:
+                        if event.nbytes >= INLINE_BYTES:  # large: compressed in parallel on the pool
+                            pending.append(self._pool.submit(self._encode, event))
+                        else:  # small: a hand-off to the pool would cost more than compressing it here
+                            self._send(self._encode(event))  # may pass large ones: order holds per topic
+                        while len(pending) > 2 * self._workers:
+                            self._send(pending.popleft().result())
                     continue
                 while pending:
                     self._send(pending.popleft().result())
@@ -266,7 +304,8 @@ class Publisher:
     @staticmethod
     def _send_parts(sock: zmq.Socket, parts: list) -> bool:
         """Sends a message without blocking; False if the socket has no room. Topic and header are copied (cheaper
-        for small parts), the payload is not. A message is accepted whole or not at all, at its first part."""
+        for small parts), the payload only below the socket's copy threshold. A message is accepted whole or not at
+        all, at its first part."""
         try:
             sock.send(parts[0], zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.Again:

@@ -7,17 +7,19 @@ import textwrap
 import threading
 import time
 
+import mlx.core as mx
 import pytest
 import zmq
 from helpers import tiny_generator
 
 from gemmalens.engine.frames import message
-from gemmalens.engine.generation import ActivationEvent, GenerationConfig, generate
+from gemmalens.engine.generation import ActivationEvent, GenerationConfig, StepEvent, generate
 from gemmalens.engine.prompts import Prompt
 from gemmalens.engine.publisher import Publisher, PublisherError
 from gemmalens.engine.run import publish_run, run_info
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
+from gemmalens.engine.transfer import StepValues, host_copier
 from gemmalens.sinks.base import LossySubscriber, Subscriber
 
 SUBSCRIBER = textwrap.dedent('''
@@ -117,6 +119,48 @@ def test_every_activation_header_names_the_rows_and_positions_of_its_own_step(tm
     for header in received:
         assert {k: header[k] for k in ("prompts", "positions", "pads")} == expected[header["batch"], header["step"],
                                                                                    header["name"]]
+
+
+def step_events(step, names=("a", "b", "c")):
+    """One step's activation events (two rows, one position each) and its tokens."""
+    values = StepValues({name: mx.full((2, 1, 4), float(i)) for i, name in enumerate(names)}, host_copier())
+    mx.eval(list(values.buffers.values()))
+    return ([ActivationEvent(0, step, name, [0, 1], [[5], [5]], values, [0, 0]) for name in names],
+            StepEvent(0, step, [0, 1], [7, 8], [5, 5]))
+
+
+def test_a_steps_frames_are_queued_with_its_tokens_and_count_toward_the_bound_one_by_one():
+    publisher = Publisher(queue_size=64)  # not started: the queue only fills
+    frames, tokens = step_events(1)
+    for event in frames:
+        publisher.publish(event)
+    assert publisher._queue.qsize() == 0  # held until the step's tokens
+    publisher.publish(tokens)
+    assert publisher._queue.qsize() == len(frames) + 1  # one item for the frames, weighing three
+    assert publisher._queue.get_nowait() == ("arrays", frames)
+    publisher.close()
+
+
+def test_values_published_without_their_tokens_still_go_out_when_the_run_ends(tmp_path):
+    class Headers(Subscriber):
+        topics = ("act.",)
+
+        def on_activation(self, frame):
+            received.append((frame.header["name"], frame.body.tolist()))
+
+    received = []
+    publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
+    sink = Headers(publisher.endpoints["reliable"], name="headers")
+    receiving = threading.Thread(target=sink.run, kwargs={"timeout": 60})
+    receiving.start()
+    publisher.start({})
+    frames, _ = step_events(1)
+    for event in frames:
+        publisher.publish(event)
+    totals = publisher.finish(False, "interrupted")  # stopped before the step's tokens
+    receiving.join(60)
+    assert sink.complete and totals["topics"] == {"run.start": 1, "act.a": 1, "act.b": 1, "act.c": 1}
+    assert received == [(name, [[[float(i)] * 4]] * 2) for i, name in enumerate("abc")]
 
 
 def test_a_missing_frame_is_detected_as_a_gap():
