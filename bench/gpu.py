@@ -363,7 +363,8 @@ def main():
     parser.add_argument("--engine-breakdown", action="store_true",
                         help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
     parser.add_argument("--archiver-writers", type=lambda text: [int(n) for n in text.split(",")], default=[],
-                        help="also measure the npz archiver's own limit with these writer counts (e.g. 2,8,16)")
+                        help="also measure the npz archiver's own limit, stored and deflated files, with these writer counts "
+                             "(e.g. 2,8,16)")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
     copies = bandwidths()
