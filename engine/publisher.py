@@ -18,10 +18,10 @@ converts, compresses and sends: frames of a megabyte or more are compressed on
 a pool of threads (lz4 releases the GIL), smaller ones by the sender itself
 (handing them over would cost more than compressing them), and ZeroMQ copies
 those smaller payloads rather than tracking them for release (a release
-notice per frame wakes pyzmq's collector thread). Frames of one topic go out in order, and a step's frames
-before its tokens (sinks complete a step on its tokens). Every topic has its
-own sequence numbers; ``run.end`` carries the count per topic so each sink can
-check that it has everything.
+notice per frame wakes pyzmq's collector thread). Frames of one topic go out
+in order, and a step's frames before its tokens (sinks complete a step on its
+tokens). Every topic has its own sequence numbers; ``run.end`` carries the
+count per topic so each sink can check that it has everything.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def _positions(slot: dict[str, Any], rows: list[list[int]]) -> np.ndarray:
     """A frame's positions as an array. A step's frames mostly carry the same lists: converted once per step (on
-    the H200's host the conversion was a quarter of the receiving thread's time with the GIL, the archiver's limit)."""
+    the H200's host the conversion took a sixth of the receiving thread's time with the GIL, the archiver's limit)."""
     if slot["positions"] is None or slot["positions"][0] != rows:
         slot["positions"] = (rows, np.array(rows, dtype=np.int32))
     return slot["positions"][1]
