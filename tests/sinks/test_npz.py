@@ -52,6 +52,21 @@ def test_a_batch_with_a_lost_frame_is_not_indexed(tmp_path):
     assert (tmp_path / INDEX).exists()
 
 
+def test_frames_of_one_step_keep_their_own_positions(tmp_path):
+    sink = NpzArchiver("inproc://unused-npz", tmp_path)
+    info = {"capture": {"names": ["a", "b", "c"], "sample_patterns": [], "exclude": [], "positions": "all"},
+            "prompts": []}
+    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, info))
+    for seq, (name, width) in enumerate([("a", 3), ("b", 1), ("c", 3)]):  # b's positions differ from a's and c's
+        sink.handle(activation(0, 0, name, seq, np.zeros((1, width), np.float32)))
+    sink.handle(message("tokens", {"kind": "tokens", "seq": 0}, {"batch": 0, "step": 0, "prompts": [0], "tokens": [5]}))
+    sink.handle(message("batch.end", {"kind": "batch_end", "seq": 0}, {"batch": 0, "prompts": [0], "steps": 1}))
+    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    sink.close()
+    with np.load(tmp_path / "activations_step_0_batch_0.npz") as step0:
+        assert [step0[f"{name}.positions"].tolist() for name in "abc"] == [[[0, 1, 2]], [[0]], [[0, 1, 2]]]
+
+
 RUN_START = {"capture": {"names": ["a"], "sample_patterns": [], "exclude": [], "positions": "all"}, "prompts": []}
 
 
