@@ -387,7 +387,8 @@ def main():
     for batch in map(int, args.batches.split(",")):
         row = {"batch": batch}
         run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
-        run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing step
+        run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing steps: each
+        run_captured(model, batch, 2, *ALL_BUT_ATTENTION, sink=COUNTER, workers=8)  # selection compiles its own
         mx.reset_peak_memory()
         run_plain(model, batch, args.new_tokens)
         row["peak"] = mx.get_peak_memory() / 1e9
