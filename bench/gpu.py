@@ -358,13 +358,14 @@ def main():
     parser.add_argument("--capture-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of gemmalens, resid_out -> npz and mlx-lm, interleaved, per batch (medians reported)")
+                        help="rounds of gemmalens, resid_out -> npz and mlx-lm, interleaved, per batch "
+                             "(medians reported)")
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
     parser.add_argument("--engine-breakdown", action="store_true",
                         help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
     parser.add_argument("--archiver-writers", type=lambda text: [int(n) for n in text.split(",")], default=[],
-                        help="also measure the npz archiver's own limit, stored and deflated files, with these writer counts "
-                             "(e.g. 2,8,16)")
+                        help="also measure the npz archiver's own limit, stored and deflated files, with these "
+                             "writer counts (e.g. 2,8,16)")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
     copies = bandwidths()

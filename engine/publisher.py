@@ -153,9 +153,7 @@ class Publisher:
         if isinstance(event, ActivationEvent):
             self._held.append(event)
             return
-        if self._held:
-            self._put(("arrays", self._held))
-            self._held = []
+        self._put_held()
         if isinstance(event, StepEvent):
             self._put(("json", "tokens", "tokens", {"batch": event.batch, "step": event.step, "prompts": event.indices,
                                                     "tokens": event.tokens, "positions": event.positions}))
@@ -171,9 +169,7 @@ class Publisher:
     def finish(self, complete: bool, reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publishes ``run.end`` with the totals, flushes and closes. Returns the totals."""
         totals = {"complete": complete, "reason": reason, **(extra or {})}
-        if self._held:  # a run stopped between a step's values and its tokens: the values still go out
-            self._put(("arrays", self._held))
-            self._held = []
+        self._put_held()  # a run stopped between a step's values and its tokens: the values still go out
         self._put(("end", totals))
         self._put(_STOP)
         self._thread.join()
@@ -190,6 +186,12 @@ class Publisher:
                 sock.close()
         if self._curve is not None:
             self._curve.close()
+
+    def _put_held(self) -> None:
+        """Queues the activation events held back so far, as one item."""
+        if self._held:
+            self._put(("arrays", self._held))
+            self._held = []
 
     def _put(self, item) -> None:
         if self._error is not None:

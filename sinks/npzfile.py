@@ -14,9 +14,9 @@ writes, deflated by ISA-L at its level 1): a zip of ``<name>.npy`` entries with
 ZIP64 records, so plain ``numpy.load`` and ``zipfile`` read it. ISA-L's deflate
 (``isal``) ran 6.5 times as fast as zlib's level 1 on bfloat16 values widened to
 float32 (482 against 74 MB/s on one core of the CPU machine), and its files came
-out smaller (2.07 against 1.93 times); its checksum is 9 times as fast as zlib's. Stored entries start their
-values on a 64-byte boundary (the local header's extra field pads them), as
-the npy format intends for memory mapping.
+out smaller (2.07 against 1.93 times); its checksum is 9 times as fast as
+zlib's. Stored entries start their values on a 64-byte boundary (the local
+header's extra field pads them), as the npy format intends for memory mapping.
 """
 
 from __future__ import annotations
