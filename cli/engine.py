@@ -64,10 +64,8 @@ def parse_shard(ctx, param, value):
 @click.option("--expect", type=click.IntRange(min=0), default=0, help="Wait for this many sinks before publishing.")
 @click.option("--sync-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for them.")
 @click.option("--codec", type=click.Choice(["lz4", "lz4+shuffle", "raw"]), default="lz4", show_default=True,
-              help="Payload compression, used where it shrinks a frame by 5% or more (others go raw: dense "
-                   "decode-step values do not compress). lz4+shuffle makes decode-step frames no smaller and halves "
-                   "the GPU's captured speed (docs/performance.md); it can pay for long prompt passes over a slow "
-                   "network.")
+              help="Payload encoding. lz4+shuffle makes decode-step frames no smaller and halves the GPU's "
+                   "captured speed (docs/performance.md); it can pay for long prompt passes over a slow network.")
 @click.option("--run-id", default=None, help="Run id stamped on every frame.")
 @click.option("--save-activations", is_flag=True, help="Capture every point unless --capture narrows it.")
 @click.option("--shard", default="0/1", callback=parse_shard, show_default=True,

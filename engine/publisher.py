@@ -16,8 +16,7 @@ queue is full), a step's activation frames as one item with the event after
 them (the sender wakes once per step, not once per frame); a sender thread
 converts, compresses and sends: frames of a megabyte or more are compressed on
 a pool of threads (lz4 releases the GIL), smaller ones by the sender itself
-(handing them over would cost more than compressing them); values the codec
-does not shrink go raw (``_compressed``), and ZeroMQ copies
+(handing them over would cost more than compressing them), and ZeroMQ copies
 those smaller payloads rather than tracking them for release (a release
 notice per frame wakes pyzmq's collector thread). Frames of one topic go out
 in order, and a step's frames before its tokens (sinks complete a step on its
@@ -43,8 +42,6 @@ from .generation import ActivationEvent, BatchEndEvent, ResultEvent, StepEvent
 
 _STOP = object()
 INLINE_BYTES = 1 << 20  # activation frames below this size are compressed by the sender thread itself, and copied
-PAYS = 0.95  # a frame goes compressed if the codec brings it to this fraction of its size or less, else raw
-RETRY = 64  # frames of a topic sent raw after compression did not pay, before it is tried on that topic again
 
 
 class _FrameQueue(queue.Queue):
@@ -112,7 +109,6 @@ class Publisher:
         self.bytes_wire = 0
         self.sinks: set[str] = set()
         self._rows: tuple = ((None, None, None), "")  # the last step's row lists and their JSON
-        self._raw_left: dict[str, int] = {}  # per capture name: frames still to send raw before compressing again
         self._reliable = self._bind(zmq.XPUB, reliable, high_water_mark, curve) if reliable else None
         if self._reliable is not None:
             self._reliable.setsockopt(zmq.XPUB_NODROP, 1)
@@ -276,27 +272,10 @@ class Publisher:
 
     def _encode(self, event: ActivationEvent):
         array, dtype = event.host()
-        codec, payload = self._compressed(event.name, array, dtype)
-        fields = {"kind": "activation", "batch": event.batch, "step": event.step, "name": event.name, "dtype": dtype,
-                  "shape": list(array.shape), "codec": codec, "nbytes": array.nbytes}
-        return activation_topic(event.name), fields, self._rows_json(event), payload, array.nbytes
-
-    def _compressed(self, name: str, array, dtype: str):
-        """The codec and payload of one frame: compressed where that pays, raw where it does not. Dense values do
-        not compress (decode-step activations: 1.00 under lz4, BUS.md), so after a frame that did not shrink, its
-        capture name goes raw for ``RETRY`` frames (no compressing on this side, no decompressing on the sink's)
-        and is then tried again; attention weights, half zeros, stay compressed."""
-        if self.codec == "raw":
-            return "raw", encode_array(array, dtype, "raw")
-        left = self._raw_left.get(name, 0)
-        if left:
-            self._raw_left[name] = left - 1
-            return "raw", encode_array(array, dtype, "raw")
         payload = encode_array(array, dtype, self.codec)
-        if len(payload) <= PAYS * array.nbytes:
-            return self.codec, payload
-        self._raw_left[name] = RETRY
-        return "raw", encode_array(array, dtype, "raw")
+        fields = {"kind": "activation", "batch": event.batch, "step": event.step, "name": event.name, "dtype": dtype,
+                  "shape": list(array.shape), "codec": self.codec, "nbytes": array.nbytes}
+        return activation_topic(event.name), fields, self._rows_json(event), payload, array.nbytes
 
     def _rows_json(self, event: ActivationEvent) -> str:
         """The header's prompts, positions and pads as JSON members: a step's events share these lists (the engine

@@ -8,7 +8,6 @@ import threading
 import time
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import zmq
 from helpers import tiny_generator
@@ -16,7 +15,7 @@ from helpers import tiny_generator
 from gemmalens.engine.frames import message
 from gemmalens.engine.generation import ActivationEvent, GenerationConfig, StepEvent, generate
 from gemmalens.engine.prompts import Prompt
-from gemmalens.engine.publisher import RETRY, Publisher, PublisherError
+from gemmalens.engine.publisher import Publisher, PublisherError
 from gemmalens.engine.run import publish_run, run_info
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
@@ -162,41 +161,6 @@ def test_values_published_without_their_tokens_still_go_out_when_the_run_ends(tm
     receiving.join(60)
     assert sink.complete and totals["topics"] == {"run.start": 1, "act.a": 1, "act.b": 1, "act.c": 1}
     assert received == [(name, [[[float(i)] * 4]] * 2) for i, name in enumerate("abc")]
-
-
-def test_frames_the_codec_does_not_shrink_go_raw_and_compression_is_tried_again_later(tmp_path):
-    class Codecs(Subscriber):
-        topics = ("act.",)
-
-        def on_activation(self, frame):
-            received.append((frame.header["name"], frame.header["codec"], frame.body))
-
-    received = []
-    publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1, codec="lz4")
-    sink = Codecs(publisher.endpoints["reliable"], name="codecs")
-    receiving = threading.Thread(target=sink.run, kwargs={"timeout": 60})
-    receiving.start()
-    publisher.start({})
-    noise = mx.random.normal((2, 1, 256), key=mx.random.key(0))  # dense values: lz4 cannot shrink them
-    steps = RETRY + 3
-    sent = []
-    for step in range(steps):  # "sparse" always compresses; "dense" is noise at step 0, then zeros
-        values = {"sparse": mx.zeros((2, 1, 256)), "dense": noise if step == 0 else mx.zeros((2, 1, 256))}
-        step_values = StepValues(values, host_copier())
-        mx.eval(list(step_values.buffers.values()))
-        sent.append({name: np.array(value) for name, value in values.items()})
-        for name in values:
-            publisher.publish(ActivationEvent(0, step, name, [0, 1], [[5], [5]], step_values, [0, 0]))
-        publisher.publish(StepEvent(0, step, [0, 1], [7, 8], [5, 5]))
-    publisher.finish(True)
-    receiving.join(60)
-    assert sink.complete
-    codecs = {name: [codec for n, codec, _ in received if n == name] for name in ("sparse", "dense")}
-    assert codecs["sparse"] == ["lz4"] * steps
-    # the noise went raw, then RETRY frames raw without trying, then zeros compressed once tried again
-    assert codecs["dense"] == ["raw"] * (1 + RETRY) + ["lz4"] * (steps - 1 - RETRY)
-    values = [(name, body) for name, _, body in received]
-    assert all(np.array_equal(body, sent[k // 2][name]) for k, (name, body) in enumerate(values))
 
 
 def test_a_missing_frame_is_detected_as_a_gap():
