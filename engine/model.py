@@ -71,6 +71,47 @@ class Linear(nn.Linear):
         return transposed
 
 
+class Fused:
+    """Projections that read the same input (q, k and v; gate and up) as one matrix product with their weights
+    joined: two kernels fewer per layer and larger products (on an H200, 1B shapes, the compiled decode step took
+    4.8 against 5.2 ms at batch 1 and 9.1 against 11.2 ms at batch 64; docs/performance.md).
+
+    ``keep`` joins the weights; each projection's weight then becomes a view into the joined one (they are held
+    once). While the projections' weights are still those views, calls take the joined path; after new weights are
+    loaded, the separate one until ``keep`` runs again.
+    """
+
+    def __init__(self, projections: list[Linear]):
+        self.projections = projections
+        self.kept: tuple | None = None  # (the projections' weights, joined weight transposed, split points)
+
+    def keep(self) -> list[mx.array]:
+        """Joins the weights unless they are joined already (or differ in dtype); returns what to evaluate."""
+        if self._current() is not None or len({p.weight.dtype for p in self.projections}) != 1:
+            return []
+        joined = mx.concatenate([p.weight for p in self.projections], axis=0)
+        ends, start = [], 0
+        for projection in self.projections:
+            start += projection.weight.shape[0]
+            projection.weight = joined[start - projection.weight.shape[0]:start]
+            ends.append(start)
+        self.kept = ([p.weight for p in self.projections], joined.T, ends[:-1])
+        return [self.kept[1], *self.kept[0]]
+
+    def _current(self) -> tuple | None:
+        kept = self.kept
+        if kept is not None and all(w is p.weight for w, p in zip(kept[0], self.projections)):
+            return kept
+        return None
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        """Every projection of ``x``."""
+        kept = self._current()
+        if kept is None:
+            return [p(x) for p in self.projections]
+        return mx.split(x @ kept[1], kept[2], axis=-1)
+
+
 class Rotary:
     """Split-half rotary embedding (``rotate_half`` pairs i with i + D/2) from per-row start positions."""
 
@@ -97,13 +138,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.p = f"{prefix}.self_attn."
+        object.__setattr__(self, "fused", Fused([self.q_proj, self.k_proj, self.v_proj]))  # not a child module
 
     def __call__(self, x, rotary, view: "KeyView", cache, offset, cap: Capture):
         B, L, _ = x.shape
         p = self.p
-        queries = cap(p + "q_proj_out", self.q_proj(x))
-        keys = cap(p + "k_proj_out", self.k_proj(x))
-        values = cap(p + "v_proj_out", self.v_proj(x))
+        queries, keys, values = self.fused(x)
+        queries = cap(p + "q_proj_out", queries)
+        keys = cap(p + "k_proj_out", keys)
+        values = cap(p + "v_proj_out", values)
         queries = cap(p + "queries_reshaped", queries.reshape(B, L, self.heads, self.head_dim))
         keys = cap(p + "keys_reshaped", keys.reshape(B, L, self.kv_heads, self.head_dim))
         values = cap(p + "values_reshaped", values.reshape(B, L, self.kv_heads, self.head_dim))
@@ -143,11 +186,13 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         self.p = f"{prefix}.mlp."
+        object.__setattr__(self, "fused", Fused([self.gate_proj, self.up_proj]))  # not a child module
 
     def __call__(self, x, cap: Capture):
         p = self.p
-        gate = cap(p + "gate_proj_out", self.gate_proj(x))
-        up = cap(p + "up_proj_out", self.up_proj(x))
+        gate, up = self.fused(x)
+        gate = cap(p + "gate_proj_out", gate)
+        up = cap(p + "up_proj_out", up)
         hidden = cap(p + "hidden", cap(p + "act_out", nn.gelu_approx(gate)) * up)  # tanh-approximated gelu
         return cap(p + "down_proj_out", self.down_proj(hidden))
 
@@ -214,8 +259,15 @@ class Gemma3(nn.Module):
 
     def keep_derived(self) -> None:
         """Forms every norm's ``1 + weight`` and every projection's transposed view once, evaluated, so a compiled
-        decode step finds them ready (they are formed again when weights change); decode steps call it."""
+        decode step finds them ready (they are formed again when weights change); decode steps call it. On a GPU
+        it also joins the weights of q/k/v and of gate/up (``Fused``: fewer kernels per step; on the CPU the
+        joined products were 4-5% slower), one layer at a time, so the model's memory grows by one layer's
+        projections at most while they are joined."""
         modules = [m for _, m in self.named_modules()]
+        if mx.default_device() != mx.cpu:
+            for module in modules:
+                if isinstance(module, (Attention, MLP)):
+                    mx.eval(module.fused.keep())
         mx.eval([m.keep_scale(self.dtype) for m in modules if isinstance(m, RMSNorm)]
                 + [m.keep_transposed() for m in modules if isinstance(m, Linear)])
 

@@ -6,7 +6,7 @@ import pytest
 from helpers import hf_logits, hf_model, mlx_model, random_weights, relative_error, tiny_config
 
 from gemmalens.engine.config import layer_pattern
-from gemmalens.engine.model import attention_mask
+from gemmalens.engine.model import MLP, Attention, attention_mask
 
 CONFIGS = {
     "kv_heads_2": tiny_config(),
@@ -108,3 +108,23 @@ def test_kept_norm_scales_and_transposes_change_nothing_and_follow_new_weights()
     other = random_weights(config, seed=2)
     model.load_weights([(k, mx.array(v)) for k, v in other.items()])
     assert mx.array_equal(model(ids), mlx_model(config, other)(ids))
+
+
+def test_joined_projections_give_the_same_logits_hold_the_weights_once_and_follow_new_weights():
+    config = tiny_config()
+    weights = random_weights(config, seed=1)
+    model = mlx_model(config, weights)
+    ids = mx.array([list(range(3, 20))])
+    before = np.array(model(ids))
+    held = mx.get_active_memory()
+    for _, module in model.named_modules():  # keep_derived joins them on a GPU only
+        if isinstance(module, (Attention, MLP)):
+            mx.eval(module.fused.keep())
+    assert mx.get_active_memory() == held  # each projection's weight is now a view into its joined weight
+    assert model.model.layers[0].mlp.fused.kept is not None
+    assert relative_error(np.array(model(ids)), before) < 1e-6  # one product instead of three: rounding only
+    assert np.array_equal(np.array(model.model.layers[1].self_attn.k_proj.weight),
+                          weights["model.layers.1.self_attn.k_proj.weight"])
+    other = random_weights(config, seed=2)
+    model.load_weights([(k, mx.array(v)) for k, v in other.items()])
+    assert mx.array_equal(model(ids), mlx_model(config, other)(ids))  # new weights: the separate products
