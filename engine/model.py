@@ -72,43 +72,48 @@ class Linear(nn.Linear):
 
 
 class Fused:
-    """Projections that read the same input (q, k and v; gate and up) as one matrix product with their weights
-    joined: two kernels fewer per layer and larger products (on an H200, 1B shapes, the compiled decode step took
-    4.8 against 5.2 ms at batch 1 and 9.1 against 11.2 ms at batch 64; docs/performance.md).
+    """Projections of one module that read the same input (q, k and v; gate and up) as one matrix product with
+    their weights joined: two kernels fewer per layer and larger products (on an H200, 1B shapes, the compiled
+    decode step took 4.8 against 5.2 ms at batch 1 and 9.1 against 11.2 ms at batch 64; docs/performance.md).
 
-    ``keep`` joins the weights; each projection's weight then becomes a view into the joined one (they are held
-    once). While the projections' weights are still those views, calls take the joined path; after new weights are
-    loaded, the separate one until ``keep`` runs again.
+    ``keep`` joins the weights of plain ``Linear`` projections; each projection's weight then becomes a view into
+    the joined one (they are held once). While the module's projections still have those views as weights, calls
+    take the joined path; after new weights or other layers (quantized ones) are loaded, the separate one. The
+    projections are looked up on the module at every call, never held here.
     """
 
-    def __init__(self, projections: list[Linear]):
-        self.projections = projections
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
         self.kept: tuple | None = None  # (the projections' weights, joined weight transposed, split points)
 
-    def keep(self) -> list[mx.array]:
-        """Joins the weights unless they are joined already (or differ in dtype); returns what to evaluate."""
-        if self._current() is not None or len({p.weight.dtype for p in self.projections}) != 1:
+    def keep(self, module: nn.Module) -> list[mx.array]:
+        """Joins the weights unless they are joined already or are not all plain ``Linear`` of one dtype; returns
+        what to evaluate."""
+        projections = [getattr(module, name) for name in self.names]
+        if (self._current(projections) is not None or any(type(p) is not Linear for p in projections)
+                or len({p.weight.dtype for p in projections}) != 1):
             return []
-        joined = mx.concatenate([p.weight for p in self.projections], axis=0)
+        joined = mx.concatenate([p.weight for p in projections], axis=0)
         ends, start = [], 0
-        for projection in self.projections:
+        for projection in projections:
             start += projection.weight.shape[0]
             projection.weight = joined[start - projection.weight.shape[0]:start]
             ends.append(start)
-        self.kept = ([p.weight for p in self.projections], joined.T, ends[:-1])
+        self.kept = ([p.weight for p in projections], joined.T, ends[:-1])
         return [self.kept[1], *self.kept[0]]
 
-    def _current(self) -> tuple | None:
+    def _current(self, projections: list) -> tuple | None:
         kept = self.kept
-        if kept is not None and all(w is p.weight for w, p in zip(kept[0], self.projections)):
+        if kept is not None and all(w is getattr(p, "weight", None) for w, p in zip(kept[0], projections)):
             return kept
         return None
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
+    def __call__(self, module: nn.Module, x: mx.array) -> list[mx.array]:
         """Every projection of ``x``."""
-        kept = self._current()
+        projections = [getattr(module, name) for name in self.names]
+        kept = self._current(projections)
         if kept is None:
-            return [p(x) for p in self.projections]
+            return [p(x) for p in projections]
         return mx.split(x @ kept[1], kept[2], axis=-1)
 
 
@@ -138,12 +143,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.p = f"{prefix}.self_attn."
-        object.__setattr__(self, "fused", Fused([self.q_proj, self.k_proj, self.v_proj]))  # not a child module
+        object.__setattr__(self, "fused", Fused(("q_proj", "k_proj", "v_proj")))  # not a child module
 
     def __call__(self, x, rotary, view: "KeyView", cache, offset, cap: Capture):
         B, L, _ = x.shape
         p = self.p
-        queries, keys, values = self.fused(x)
+        queries, keys, values = self.fused(self, x)
         queries = cap(p + "q_proj_out", queries)
         keys = cap(p + "k_proj_out", keys)
         values = cap(p + "v_proj_out", values)
@@ -186,11 +191,11 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         self.p = f"{prefix}.mlp."
-        object.__setattr__(self, "fused", Fused([self.gate_proj, self.up_proj]))  # not a child module
+        object.__setattr__(self, "fused", Fused(("gate_proj", "up_proj")))  # not a child module
 
     def __call__(self, x, cap: Capture):
         p = self.p
-        gate, up = self.fused(x)
+        gate, up = self.fused(self, x)
         gate = cap(p + "gate_proj_out", gate)
         up = cap(p + "up_proj_out", up)
         hidden = cap(p + "hidden", cap(p + "act_out", nn.gelu_approx(gate)) * up)  # tanh-approximated gelu
@@ -267,7 +272,7 @@ class Gemma3(nn.Module):
         if mx.default_device() != mx.cpu:
             for module in modules:
                 if isinstance(module, (Attention, MLP)):
-                    mx.eval(module.fused.keep())
+                    mx.eval(module.fused.keep(module))
         mx.eval([m.keep_scale(self.dtype) for m in modules if isinstance(m, RMSNorm)]
                 + [m.keep_transposed() for m in modules if isinstance(m, Linear)])
 

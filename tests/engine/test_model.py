@@ -1,6 +1,7 @@
 """The model against transformers' Gemma3ForCausalLM on tiny random configs covering what 270M does not."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from helpers import hf_logits, hf_model, mlx_model, random_weights, relative_error, tiny_config
@@ -119,7 +120,7 @@ def test_joined_projections_give_the_same_logits_hold_the_weights_once_and_follo
     held = mx.get_active_memory()
     for _, module in model.named_modules():  # keep_derived joins them on a GPU only
         if isinstance(module, (Attention, MLP)):
-            mx.eval(module.fused.keep())
+            mx.eval(module.fused.keep(module))
     assert mx.get_active_memory() == held  # each projection's weight is now a view into its joined weight
     assert model.model.layers[0].mlp.fused.kept is not None
     assert relative_error(np.array(model(ids)), before) < 1e-6  # one product instead of three: rounding only
@@ -128,3 +129,18 @@ def test_joined_projections_give_the_same_logits_hold_the_weights_once_and_follo
     other = random_weights(config, seed=2)
     model.load_weights([(k, mx.array(v)) for k, v in other.items()])
     assert mx.array_equal(model(ids), mlx_model(config, other)(ids))  # new weights: the separate products
+
+
+def test_quantized_projections_are_not_joined_and_replaced_ones_are_called():
+    config = tiny_config()
+    model = mlx_model(config, random_weights(config, seed=1))
+    ids = mx.array([list(range(3, 20))])
+    dense = model(ids)
+    nn.quantize(model, group_size=32, bits=8)  # replaces the projections' modules
+    before = model(ids)
+    assert not mx.array_equal(before, dense)  # the new modules are the ones called
+    for _, module in model.named_modules():
+        if isinstance(module, (Attention, MLP)):
+            assert module.fused.keep(module) == []  # packed weights cannot be joined into one product
+    assert mx.array_equal(model(ids), before)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
