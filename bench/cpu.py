@@ -5,13 +5,17 @@ generated tokens per second (prompt pass included) at batch 1 and 8, plus the
 cached load time of the embedded model. mlx-lm runs with the same OpenBLAS
 gemmalens loads, so the comparison is of the engines, not of the BLAS.
 
-    python bench/cpu.py [--max-tokens 32] [--repeats 1]
+    python bench/cpu.py [--max-tokens 32] [--rounds 1]
+
+With ``--rounds N`` the engines run N times each, interleaved (the shared cores' speed drifts), and the median
+is reported with every run's figure in brackets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -88,23 +92,30 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--engine", choices=sorted(ENGINES))
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each engine, interleaved (median reported)")
     args = parser.parse_args()
     if args.engine:
         print(json.dumps(ENGINES[args.engine](args.batch, args.max_tokens)))
         return
-    rows = []
+    rates: dict[tuple[str, int], list[float]] = {}
+    loads: dict[tuple[str, int], float] = {}
     for batch in (1, 8):
-        for engine in ENGINES:
-            out = subprocess.run([sys.executable, __file__, "--engine", engine, "--batch", str(batch),
-                                  "--max-tokens", str(args.max_tokens)], capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
-                continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append((engine, batch, result["tokens"] / result["seconds"], result.get("load_seconds")))
+        for _ in range(args.rounds):
+            for engine in ENGINES:
+                out = subprocess.run([sys.executable, __file__, "--engine", engine, "--batch", str(batch),
+                                      "--max-tokens", str(args.max_tokens)], capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    continue
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                rates.setdefault((engine, batch), []).append(result["tokens"] / result["seconds"])
+                if result.get("load_seconds"):
+                    loads[engine, batch] = result["load_seconds"]
     print(f"{'engine':<14}{'batch':>6}{'tok/s':>10}")
-    for engine, batch, rate, load_seconds in rows:
-        print(f"{engine:<14}{batch:>6}{rate:>10.1f}" + (f"   (cached load {load_seconds:.1f} s)" if load_seconds else ""))
+    for (engine, batch), values in rates.items():
+        runs = f" ({' '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
+        load = f"   (cached load {loads[engine, batch]:.1f} s)" if (engine, batch) in loads else ""
+        print(f"{engine:<14}{batch:>6}{statistics.median(values):>10.1f}{runs}{load}")
 
 
 if __name__ == "__main__":
