@@ -96,8 +96,9 @@ class Fused:
         joined = mx.concatenate([p.weight for p in projections], axis=0)
         ends, start = [], 0
         for projection in projections:
-            start += projection.weight.shape[0]
-            projection.weight = joined[start - projection.weight.shape[0]:start]
+            size = projection.weight.shape[0]
+            projection.weight = joined[start:start + size]
+            start += size
             ends.append(start)
         self.kept = ([p.weight for p in projections], joined.T, ends[:-1])
         return [self.kept[1], *self.kept[0]]
