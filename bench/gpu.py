@@ -11,7 +11,7 @@ that the compiled decode step and the eager one agree, and the decode attention 
 against float32 attention on the CPU beside MLX's own. Prints a table last.
 
     python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--rounds 3] [--no-four-b]
-                        [--archiver-writers 2,8,16] [--engine-breakdown]
+                        [--archiver 1x8,4x4] [--engine-breakdown]
 """
 
 from __future__ import annotations
@@ -104,11 +104,12 @@ def run_plain(model, batch, new_tokens, compiled=True):
     return sum(len(r.tokens) for r in results) / seconds, results
 
 
-def archiver(writers=None):
-    """The npz archiver as a sink script (``writers`` threads; default: the archiver's own default)."""
+def archiver(writers=None, processes=None):
+    """The npz archiver as a sink script (``writers`` threads in each of ``processes``; default: the archiver's own
+    defaults)."""
     return ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
             "sink = NpzArchiver(sys.argv[1], sys.argv[2], compress=sys.argv[3] == 'deflate', name='npz', "
-            f"writers={writers})\nsys.exit(0 if sink.run() else 1)")
+            f"writers={writers}, processes={processes})\nsys.exit(0 if sink.run() else 1)")
 
 
 ARCHIVER = archiver()
@@ -363,9 +364,10 @@ def main():
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
     parser.add_argument("--engine-breakdown", action="store_true",
                         help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
-    parser.add_argument("--archiver-writers", type=lambda text: [int(n) for n in text.split(",")], default=[],
-                        help="also measure the npz archiver's own limit, stored and deflated files, with these "
-                             "writer counts (e.g. 2,8,16)")
+    parser.add_argument("--archiver", type=lambda text: [tuple(map(int, s.split("x"))) for s in text.split(",")],
+                        default=[], metavar="PxW,...",
+                        help="also measure the npz archiver's own limit, stored and deflated files, with P processes "
+                             "of W writer threads each (e.g. 1x8,4x4)")
     args = parser.parse_args()
     print("device:", mx.default_device(), flush=True)
     copies = bandwidths()
@@ -428,12 +430,12 @@ def main():
         parts = engine_breakdown(model)
         print("engine's process, resid_out at batch 64: " + ", ".join(
             f"{k} {v:.0f} tok/s ({v / parts['plain']:.0%})" for k, v in parts.items()), flush=True)
-    for writers in args.archiver_writers:  # what the archiver itself takes: frames already on the host
+    for processes, writers in args.archiver:  # what the archiver itself takes: frames already on the host
         for storage in ("stored", "deflate"):
-            limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers), workers=1,
-                              repeats=400, storage=storage)
-            print(f"npz archiver with {writers} writers, resid_out frames of batch 64, files {storage}: "
-                  f"{limit / 1e6:.0f} MB/s", flush=True)
+            limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers, processes),
+                              workers=1, repeats=400, storage=storage)
+            print(f"npz archiver, {processes} process(es) of {writers} writers, resid_out frames of batch 64, files "
+                  f"{storage}: {limit / 1e6:.0f} MB/s", flush=True)
     if args.four_b:
         del model, weights
         mx.clear_cache()

@@ -71,11 +71,14 @@ def sink():
 @common
 @click.option("--activations-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--no-compress-activations", is_flag=True)
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Processes writing the files, each a share of the steps (default: one per four cores, at most "
+                   "four; one below eight cores).")
 @reports_errors
-def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, **curve):
+def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, processes, **curve):
     """Archive activation frames as activations_step_*.npz files."""
     serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz",
-                      curve=_curve(curve)), idle_timeout)
+                      processes=processes, curve=_curve(curve)), idle_timeout)
 
 
 @sink.command("results")

@@ -118,11 +118,14 @@ class Subscriber:
                         f"{self.name}: no message for {wait:.0f} s"
                         + (" before the run started" if self.run_info is None else " in the middle of the run")
                     )
-                parts = self.socket.recv_multipart(copy=False)  # the payload is read where zmq received it
-                self.handle([part.bytes for part in parts[:2]] + [part.buffer for part in parts[2:]])
+                self.receive(self.socket.recv_multipart(copy=False))
         finally:
             self.close()
         return self.complete
+
+    def receive(self, frames: list[zmq.Frame]) -> None:
+        """One received message as ZeroMQ frames: decoded (the payload read where ZeroMQ received it) and handled."""
+        self.handle([frame.bytes for frame in frames[:2]] + [frame.buffer for frame in frames[2:]])
 
     def handle(self, parts: list[bytes]) -> None:
         """Checks the sequence of one message and dispatches it to its callback."""
@@ -130,12 +133,7 @@ class Subscriber:
         if topic.startswith("hello."):
             return
         frame = decode(parts, self.bfloat16_as)
-        seq, key = frame.header.get("seq"), (str(frame.header.get("engine", "0")), topic)
-        expected = self.expected_seq.get(key, 0)
-        if seq != expected:
-            self.gaps.append(f"{topic}: expected seq {expected}, got {seq}")
-        self.expected_seq[key] = seq + 1
-        self.received[key] = self.received.get(key, 0) + 1
+        key = self.count(topic, frame.header)
         kind = frame.header.get("kind")
         if kind == "run_start":
             if self.run_info is None:  # several engines of one run send the same prompt set
@@ -156,6 +154,16 @@ class Subscriber:
             if len(self.ends) >= int((self.run_info or {}).get("engines", 1)):
                 self.summary = _merge_ends(self.ends)
                 self.on_run_end(self.summary)
+
+    def count(self, topic: str, header: dict[str, Any]) -> tuple[str, str]:
+        """Notes a message of ``topic`` and any gap before it; returns its (engine, topic) key."""
+        seq, key = header.get("seq"), (str(header.get("engine", "0")), topic)
+        expected = self.expected_seq.get(key, 0)
+        if seq != expected:
+            self.gaps.append(f"{topic}: expected seq {expected}, got {seq}")
+        self.expected_seq[key] = seq + 1
+        self.received[key] = self.received.get(key, 0) + 1
+        return key
 
     def abort(self, reason: str) -> None:
         """Ends a run that will not send ``run.end`` (engine gone, sink stopped): finishes as incomplete."""

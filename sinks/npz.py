@@ -21,24 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import zmq
 
 from gemmalens.engine.selection import Selection, is_attention
 
 from .base import Subscriber
-from .npzfile import partial_path, write_npz
+from .npzfile import partial_path
+from .npzsteps import HelperError, Helpers, StepFiles, step_file
 
 INDEX = "activations_index.json"
-BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
-
-
-def step_file(step: int, batch: int) -> str:
-    return f"activations_step_{step}_batch_{batch}.npz"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -51,39 +46,44 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-def _positions(slot: dict[str, Any], rows: list[list[int]]) -> np.ndarray:
-    """A frame's positions as an array. A step's frames mostly carry the same lists: converted once per step (on
-    the H200's host the conversion took a sixth of the receiving thread's time with the GIL, the archiver's limit)."""
-    if slot["positions"] is None or slot["positions"][0] != rows:
-        slot["positions"] = (rows, np.array(rows, dtype=np.int32))
-    return slot["positions"][1]
+def default_processes() -> int:
+    """Helper processes for a machine: one per four cores, at most four; none under eight cores (with two helpers
+    or more, each step's frames cross one more socket, which a small machine's cores cannot spare)."""
+    cores = os.cpu_count() or 1
+    return min(4, cores // 4) if cores >= 8 else 1
 
 
 class NpzArchiver(Subscriber):
     """Writes every activation frame it receives; reliable (it slows the engine rather than drop).
 
-    Files are written by ``writers`` threads (sinks/npzfile.py: checksums, deflate and disk writes run outside the GIL)
-    while the receiving thread goes on decoding; at most ``2 * writers`` steps (and 1 GiB) wait to be written,
-    beyond that the receiver waits, and the engine with it. A batch enters the index once all its files are on disk.
+    With ``processes`` 1 the step files are written by ``writers`` threads of this process while its receiving
+    thread goes on decoding (sinks/npzsteps.py ``StepFiles``); with more, by that many helper processes of
+    ``writers`` threads each, every step whole in one of them, and the receiving thread only reads headers and
+    forwards (``Helpers``). Default: ``default_processes()``; writers: up to eight per process, the cores shared
+    out. A batch enters the index once all its files are on disk.
     """
 
     topics = ("act.", "tokens")
 
-    def __init__(self, connect, directory: str | Path, compress: bool = True, writers: int | None = None, **kwargs):
-        super().__init__(connect, bfloat16_as="uint16", **kwargs)  # widened to float32 by the writers
+    def __init__(self, connect, directory: str | Path, compress: bool = True, writers: int | None = None,
+                 processes: int | None = None, **kwargs):
+        processes = processes or default_processes()
+        writers = writers or max(2, min(8, (os.cpu_count() or 1) // processes))
         self.directory = Path(directory)
-        self.compress = compress
-        writers = writers or min(8, os.cpu_count() or 1)
-        self.writers = ThreadPoolExecutor(writers, thread_name_prefix="npz-writer")
-        self.backlog = 2 * writers
-        self.writing: deque[tuple[Future, int]] = deque()  # step files not yet on disk and their bytes, oldest first
-        self.writing_bytes = 0
-        self.pending: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, step) -> frames received so far
-        self.open: dict[int, dict[str, Any]] = {}  # batches still generating: files, tokens, writes, damaged
+        self.open: dict[int, dict[str, Any]] = {}  # batches not indexed yet: their files, tokens, steps in flight
+        self.errors: list[BaseException] = []  # failed writes
         self.index: dict[str, Any] = {"batches": {}, "tokens": {}}  # finished batches only
+        self.finished = False
+        self.helpers = (Helpers(processes, self.directory, compress, writers, kwargs.get("context")
+                                or zmq.Context.instance()) if processes > 1 else None)
+        self.files = None if self.helpers else StepFiles(self.directory, compress, writers)
+        try:
+            super().__init__(connect, bfloat16_as="uint16", **kwargs)  # widened to float32 by the writers
+        except BaseException:
+            self._finish()
+            raise
 
     def on_run_start(self, info: dict[str, Any]) -> None:
-        self.selection = Selection.from_dict(info.get("capture") or {})
         self.directory.mkdir(parents=True, exist_ok=True)
         index_path = self.directory / INDEX
         if index_path.exists():
@@ -93,74 +93,99 @@ class NpzArchiver(Subscriber):
         for stale in self.directory.glob("activations_step_*_batch_*.npz"):
             if stale.name not in complete:
                 stale.unlink()  # written by a stopped run for a batch that is regenerated now
+        if self.helpers is not None:
+            self.helpers.start(info)
+        else:
+            self.files.start(Selection.from_dict(info.get("capture") or {}))
+
+    def receive(self, frames: list[zmq.Frame]) -> None:
+        """With helper processes, an activation frame is forwarded whole to the helper of its step, undecoded."""
+        topic = frames[0].bytes
+        if self.helpers is None or not topic.startswith(b"act."):
+            return super().receive(frames)
+        header = json.loads(frames[1].bytes)
+        self.count(topic.decode(), header)
+        self.helpers.send(header["step"], frames)
 
     def on_activation(self, frame) -> None:
-        header = frame.header
-        slot = self.pending.setdefault((header["batch"], header["step"]), {
-            "prompts": header["prompts"], "pad": header["pads"], "arrays": {}, "bfloat16": set(), "positions": None})
-        slot["arrays"][header["name"]] = frame.body
-        slot["arrays"][header["name"] + ".positions"] = _positions(slot, header["positions"])
-        if header["dtype"] == "bfloat16":
-            slot["bfloat16"].add(header["name"])
+        self.files.add(frame.header, frame.body)
 
     def on_tokens(self, frame) -> None:
         body = frame.body
-        key = (body["batch"], body["step"])
-        slot = self.pending.pop(key, None)
-        batch = self.open.setdefault(body["batch"], {"files": [], "tokens": {}, "writes": [], "damaged": False})
+        batch = self._batch(body["batch"])
         for prompt, token in zip(body["prompts"], body["tokens"]):
             batch["tokens"].setdefault(str(prompt), []).append(token)
-        if slot is None:
-            return
-        chosen = dict(zip(body["prompts"], body["tokens"]))
-        arrays = {
-            "prompts": np.array(slot["prompts"], dtype=np.int64),
-            "step": np.array(body["step"]),
-            "tokens": np.array([chosen.get(p, -1) for p in slot["prompts"]], dtype=np.int64),
-            "pad": np.array(slot["pad"], dtype=np.int64),
-            **slot["arrays"],
-        }
-        path = self.directory / step_file(body["step"], body["batch"])
-        write = self.writers.submit(write_npz, path, arrays, self.compress, frozenset(slot["bfloat16"]))
-        self.writing.append((write, sum(a.nbytes for a in arrays.values())))
-        self.writing_bytes += self.writing[-1][1]
-        batch["writes"].append(write)
-        batch["files"].append(path.name)
-        if self.selection.names_for_step(body["step"]) - {k for k in slot["arrays"] if not k.endswith(".positions")}:
-            batch["damaged"] = True  # a frame of this step was lost on the way
-        while self.writing and (self.writing[0][0].done() or len(self.writing) > self.backlog
-                                or self.writing_bytes > BACKLOG_BYTES):
-            write, size = self.writing.popleft()
-            self.writing_bytes -= size
-            write.result()  # a failed write (disk full...) stops the sink here
+        batch["sent"] += 1
+        (self.helpers or self.files).finish_step(body)
+        self._take(self.helpers.outcomes() if self.helpers else self.files.outcomes())
 
     def on_batch_end(self, body: dict[str, Any]) -> None:
-        batch = self.open.pop(body["batch"], {"files": [], "tokens": {}, "writes": [], "damaged": False})
-        for write in batch["writes"]:
-            write.result()
-        if batch["damaged"] or batch["files"] != [step_file(k, body["batch"]) for k in range(body["steps"])]:
-            return  # incomplete: not indexed, so --resume regenerates these prompts
-        self.index["batches"][str(body["batch"])] = {"prompts": body["prompts"], "files": batch["files"],
-                                                     "steps": body["steps"]}
-        self.index["tokens"].update(batch["tokens"])
-        self._write_index()
+        self._batch(body["batch"])["end"] = body
+        self._take(self.helpers.outcomes() if self.helpers else self.files.outcomes())
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
-        error = self._finish_writes()
+        self._finish()
         self._write_index()  # the batches whose files all reached the disk
-        if error is not None and not self.aborted:
-            raise error
+        if self.errors and not self.aborted:
+            raise self.errors[0]
 
     def close(self) -> None:
         super().close()
-        self.writers.shutdown(wait=True)  # files already handed to the writers are finished, never cut short
+        self._finish()  # files already handed to the writers are finished, never cut short
 
-    def _finish_writes(self) -> BaseException | None:
-        """Waits for every write handed out; returns the first failure not raised yet."""
-        errors = [write.exception() for write, _ in self.writing]
-        self.writing.clear()
-        self.writing_bytes = 0
-        return next((e for e in errors if e is not None), None)
+    def _batch(self, batch: int) -> dict[str, Any]:
+        return self.open.setdefault(batch, {"files": {}, "tokens": {}, "sent": 0, "written": 0, "damaged": False,
+                                            "end": None})
+
+    def _take(self, outcomes: list[dict[str, Any]], raise_errors: bool = True) -> None:
+        """Notes finished step files; indexes the batches they complete; raises the first failed write."""
+        for outcome in outcomes:
+            batch = self._batch(outcome["batch"])
+            batch["written"] += 1
+            if outcome["file"] is not None and outcome["error"] is None:
+                batch["files"][outcome["step"]] = outcome["file"]
+            batch["damaged"] |= outcome["damaged"] or outcome["error"] is not None
+            if outcome["error"] is not None:
+                error = outcome["error"]
+                self.errors.append(error if isinstance(error, BaseException) else HelperError(
+                    f"writing {self.directory / str(outcome['file'])} failed: {error}"))
+        for number in [b for b, batch in self.open.items() if batch["end"] is not None]:
+            self._index_if_done(number)
+        if raise_errors and self.errors:
+            raise self.errors[0]
+
+    def _index_if_done(self, number: int) -> None:
+        """Indexes a batch once it has ended and all its files are written, if none was lost or failed."""
+        batch = self.open.get(number)
+        if batch is None or batch["end"] is None or batch["written"] < batch["sent"]:
+            return
+        del self.open[number]
+        end = batch["end"]
+        files = [batch["files"].get(k) for k in range(end["steps"])]
+        if batch["damaged"] or files != [step_file(k, number) for k in range(end["steps"])]:
+            return  # incomplete: not indexed, so --resume regenerates these prompts
+        self.index["batches"][str(number)] = {"prompts": end["prompts"], "files": files, "steps": end["steps"]}
+        self.index["tokens"].update(batch["tokens"])
+        self._write_index()
+
+    def _finish(self) -> None:
+        """Waits for every file handed out (once) and notes the outcomes."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            if self.helpers is not None:
+                outcomes = self.helpers.finish()
+            else:
+                self.files.close()
+                outcomes = self.files.outcomes()
+        except HelperError as error:
+            outcomes = []
+            self.errors.append(error)
+        finally:
+            if self.helpers is not None:
+                self.helpers.close()
+        self._take(outcomes, raise_errors=False)
 
     def _write_index(self) -> None:
         write_atomic(self.directory / INDEX, json.dumps(self.index).encode())

@@ -96,7 +96,7 @@ def test_bfloat16_frames_are_stored_as_the_exact_float32_values(tmp_path):
 
 
 def test_the_receiver_waits_once_the_writers_are_a_backlog_behind(tmp_path, monkeypatch):
-    import gemmalens.sinks.npz as npz
+    import gemmalens.sinks.npzsteps as npzsteps
 
     release = threading.Event()
 
@@ -104,18 +104,18 @@ def test_the_receiver_waits_once_the_writers_are_a_backlog_behind(tmp_path, monk
         release.wait(10)
         write_npz(*args)
 
-    write_npz = npz.write_npz
-    monkeypatch.setattr(npz, "write_npz", stalled_write)
+    write_npz = npzsteps.write_npz
+    monkeypatch.setattr(npzsteps, "write_npz", stalled_write)
     sink = NpzArchiver("inproc://unused-npz", tmp_path, writers=1)  # backlog: 2 steps
     sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
     receiving = threading.Thread(target=finished_batch, args=(sink, 0, np.ones((1, 2, 3), np.float32)),
                                  kwargs={"steps": 4})
     receiving.start()
     time.sleep(0.5)
-    handed_over = len(sink.open[0]["files"])
+    handed_over = sink.open[0]["sent"]
     release.set()
     receiving.join(10)
-    assert handed_over == sink.backlog + 1  # two steps waiting, the third's hand-over waits for the first
+    assert handed_over == sink.files.backlog + 1  # two steps waiting, the third's hand-over waits for the first
     sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
     sink.close()
     assert len(gemmalens.open_activations(tmp_path).get("a")[0]) == 4
@@ -126,8 +126,9 @@ def test_a_failed_write_stops_the_sink_and_keeps_the_batches_already_indexed(tmp
     sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
     finished_batch(sink, 0, np.ones((1, 2, 3), np.float32))
     (tmp_path / ".activations_step_0_batch_1.npz.partial").mkdir()  # batch 1's file cannot be created
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(IsADirectoryError):  # raised as soon as the archiver learns of it, at the latest at run.end
         finished_batch(sink, 1, np.ones((1, 2, 3), np.float32), seq=1)
+        sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
     sink.abort("sink failed")
     activations = gemmalens.open_activations(tmp_path)
     assert activations.prompts == [0]

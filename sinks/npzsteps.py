@@ -1,0 +1,278 @@
+"""The npz archiver's work on files: a step's frames assembled and written, in its process or in helper processes.
+
+``StepFiles`` collects the frames of each (batch, step) and, on the step's
+tokens, hands the step's file to writer threads (sinks/npzfile.py). Each write
+ends in an outcome, ``{"batch", "step", "file", "damaged", "error"}``, that the
+archiver reads to build its index.
+
+``Helpers`` spreads that work over helper processes, each with its own
+``StepFiles`` and its own GIL: the archiver's receiving thread then only reads
+each frame's header and forwards the message (ZeroMQ copies it without the GIL),
+and every step goes whole to one helper. On a 16-core host, files stored into
+tmpfs, one receiving thread with eight writer threads took 640 MB/s of bfloat16
+frames and four helpers 1,200 (docs/performance.md, session 8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from gemmalens.engine.frames import decode
+from gemmalens.engine.selection import NO_SELECTION, Selection
+
+from .npzfile import write_npz
+
+BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
+START_TIMEOUT = 120.0  # seconds for a helper process to start (it imports numpy, zmq, MLX)
+
+
+def step_file(step: int, batch: int) -> str:
+    return f"activations_step_{step}_batch_{batch}.npz"
+
+
+def _positions(slot: dict[str, Any], rows: list[list[int]]) -> np.ndarray:
+    """A frame's positions as an array. A step's frames mostly carry the same lists: converted once per step (on
+    the H200's host the conversion took a sixth of the receiving thread's time with the GIL, the archiver's limit)."""
+    if slot["positions"] is None or slot["positions"][0] != rows:
+        slot["positions"] = (rows, np.array(rows, dtype=np.int32))
+    return slot["positions"][1]
+
+
+class StepFiles:
+    """Writes each step's frames as one file on ``writers`` threads (checksums, deflate and disk writes run outside
+    the GIL); at most ``2 * writers`` steps (and 1 GiB) wait to be written, beyond that ``finish_step`` waits, and
+    the engine with it."""
+
+    def __init__(self, directory: str | Path, compress: bool, writers: int):
+        self.directory = Path(directory)
+        self.compress = compress
+        self.pool = ThreadPoolExecutor(writers, thread_name_prefix="npz-writer")
+        self.backlog = 2 * writers
+        self.writing: deque[tuple[Future, int]] = deque()  # step files not yet on disk and their bytes, oldest first
+        self.writing_bytes = 0
+        self.pending: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, step) -> frames received so far
+        self.done: queue.SimpleQueue = queue.SimpleQueue()  # outcomes not yet read
+        self.selection = NO_SELECTION
+
+    def start(self, selection: Selection) -> None:
+        self.selection = selection
+
+    def add(self, header: dict[str, Any], body: np.ndarray) -> None:
+        """One activation frame (bfloat16 as its uint16 patterns, widened to float32 by the writers)."""
+        slot = self.pending.setdefault((header["batch"], header["step"]), {
+            "prompts": header["prompts"], "pad": header["pads"], "arrays": {}, "bfloat16": set(), "positions": None})
+        slot["arrays"][header["name"]] = body
+        slot["arrays"][header["name"] + ".positions"] = _positions(slot, header["positions"])
+        if header["dtype"] == "bfloat16":
+            slot["bfloat16"].add(header["name"])
+
+    def finish_step(self, tokens: dict[str, Any]) -> None:
+        """The step's tokens (the body of its ``tokens`` message): its file goes to the writers."""
+        batch, step = tokens["batch"], tokens["step"]
+        slot = self.pending.pop((batch, step), None)
+        if slot is None:  # no frame of this step arrived: no file, and the batch will not be indexed
+            self.done.put({"batch": batch, "step": step, "file": None, "damaged": True, "error": None})
+            return
+        chosen = dict(zip(tokens["prompts"], tokens["tokens"]))
+        arrays = {
+            "prompts": np.array(slot["prompts"], dtype=np.int64),
+            "step": np.array(step),
+            "tokens": np.array([chosen.get(p, -1) for p in slot["prompts"]], dtype=np.int64),
+            "pad": np.array(slot["pad"], dtype=np.int64),
+            **slot["arrays"],
+        }
+        outcome = {"batch": batch, "step": step, "file": step_file(step, batch), "error": None,
+                   "damaged": bool(self.selection.names_for_step(step) - slot["arrays"].keys())}  # a frame was lost
+        write = self.pool.submit(write_npz, self.directory / outcome["file"], arrays, self.compress,
+                                 frozenset(slot["bfloat16"]))
+        write.add_done_callback(lambda done: self.done.put({**outcome, "error": done.exception()}))
+        self.writing.append((write, sum(a.nbytes for a in arrays.values())))
+        self.writing_bytes += self.writing[-1][1]
+        while self.writing and (self.writing[0][0].done() or len(self.writing) > self.backlog
+                                or self.writing_bytes > BACKLOG_BYTES):
+            write, size = self.writing.popleft()
+            self.writing_bytes -= size
+            write.exception()  # waits; a failure arrives as its outcome
+
+    def outcomes(self) -> list[dict[str, Any]]:
+        """The outcomes of the steps finished since the last call."""
+        out = []
+        while not self.done.empty():
+            out.append(self.done.get())
+        return out
+
+    def close(self) -> None:
+        """Waits for every file handed to the writers (never cut short)."""
+        self.pool.shutdown(wait=True)
+        self.writing.clear()
+        self.writing_bytes = 0
+
+
+class HelperError(RuntimeError):
+    """A helper process failed or stopped: the archive is incomplete."""
+
+
+class Helpers:
+    """``count`` helper processes writing step files into ``directory``, each with ``writers`` threads.
+
+    ``send(parts)`` forwards a received activation message to the helper of its step; ``finish_step`` sends it the
+    step's tokens; ``outcomes`` reads what they report. A helper that fails makes the next call raise
+    ``HelperError``. Sends wait while a helper is behind (its queue holds ``QUEUE`` messages), so the engine is
+    slowed rather than anything dropped.
+    """
+
+    QUEUE = 256
+
+    def __init__(self, count: int, directory: str | Path, compress: bool, writers: int, context: zmq.Context):
+        self.folder = tempfile.mkdtemp(prefix="gl-npz-")
+        self.inbox = context.socket(zmq.PULL)  # outcomes of every helper
+        self.inbox.setsockopt(zmq.RCVHWM, 0)  # small, and never to block a helper
+        self.inbox.bind(f"ipc://{self.folder}/outcomes")
+        self.outboxes: list[zmq.Socket] = []
+        self.processes: list[subprocess.Popen] = []
+        for k in range(count):
+            outbox = context.socket(zmq.PUSH)
+            outbox.setsockopt(zmq.SNDHWM, self.QUEUE)
+            outbox.setsockopt(zmq.LINGER, 0)
+            outbox.bind(f"ipc://{self.folder}/helper{k}")
+            self.outboxes.append(outbox)
+            arguments = (f"ipc://{self.folder}/helper{k}", f"ipc://{self.folder}/outcomes", str(directory), compress,
+                         writers, os.getpid())
+            self.processes.append(subprocess.Popen([
+                sys.executable, "-c", f"from gemmalens.sinks.npzsteps import serve; serve(*{arguments!r})"]))
+        self.closed: set[str] = set()
+        self.ready = 0
+        self.held: list[dict[str, Any]] = []  # outcomes read while waiting to send, not yet returned
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.ready < count:
+            if time.monotonic() > deadline:
+                self.close()
+                raise HelperError(f"npz helpers: {self.ready} of {count} started within {START_TIMEOUT:.0f} s")
+            self._read(wait_ms=100)
+
+    def start(self, run_info: dict[str, Any]) -> None:
+        for k in range(len(self.outboxes)):
+            self._send(k, [b"start", json.dumps(run_info.get("capture") or {}).encode()])
+
+    def send(self, step: int, parts: list) -> None:
+        self._send(step % len(self.outboxes), parts)
+
+    def finish_step(self, tokens: dict[str, Any]) -> None:
+        self._send(tokens["step"] % len(self.outboxes), [b"tokens", json.dumps(tokens).encode()])
+
+    def outcomes(self) -> list[dict[str, Any]]:
+        return self._read(wait_ms=0)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Tells every helper to finish its files and waits for them; returns the outcomes not yet read."""
+        out = []
+        for k in range(len(self.outboxes)):
+            self._send(k, [b"end"])
+        while len(self.closed) < len(self.outboxes):
+            out += self._read(wait_ms=100)
+        return out
+
+    def close(self) -> None:
+        """Stops the helpers (after ``finish``, they have already exited) and removes the sockets' folder."""
+        for outbox in self.outboxes:
+            outbox.close(0)
+        self.inbox.close(0)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30 if len(self.closed) == len(self.processes) else 0)  # finished: exiting
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _send(self, k: int, parts: list) -> None:
+        """Sends without blocking for good: while helper ``k`` is behind, reads outcomes and checks it still runs."""
+        while True:
+            try:
+                self.outboxes[k].send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                read = self._read(wait_ms=0)  # empties self.held first
+                self.held += read
+                self.outboxes[k].poll(100, zmq.POLLOUT)
+
+    def _read(self, wait_ms: int) -> list[dict[str, Any]]:
+        """Outcomes reported so far (waiting ``wait_ms`` for the first); raises if a helper failed or died."""
+        out, self.held = self.held, []
+        while self.inbox.poll(wait_ms):
+            wait_ms = 0
+            report = json.loads(self.inbox.recv())
+            if "ready" in report:
+                self.ready += 1
+            elif "closed" in report:
+                self.closed.add(report["closed"])
+            elif "failed" in report:
+                raise HelperError(f"npz helper {report['helper']} failed: {report['failed']}")
+            else:
+                out.append(report)
+        for k, process in enumerate(self.processes):
+            if process.poll() is not None and process.returncode != 0:
+                raise HelperError(f"npz helper {k} exited with code {process.returncode}")
+        return out
+
+
+def serve(inbox: str, outbox: str, directory: str, compress: bool, writers: int, parent: int) -> None:
+    """A helper process: step files from the messages its archiver forwards, outcomes reported back."""
+    context = zmq.Context()
+    receive, report = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    report.setsockopt(zmq.SNDHWM, 0)
+    receive.connect(inbox)
+    report.connect(outbox)
+    name = inbox.rsplit("helper", 1)[-1]
+    files = StepFiles(directory, compress, writers)
+
+    def send_outcomes():
+        for outcome in files.outcomes():
+            error = outcome["error"]
+            report.send(json.dumps({**outcome, "error": error and f"{type(error).__name__}: {error}"}).encode())
+
+    report.send(json.dumps({"ready": name}).encode())
+    try:
+        while True:
+            send_outcomes()
+            if not receive.poll(1000):
+                if os.getppid() != parent:  # the archiver is gone: nobody reads what we write
+                    break
+                continue
+            parts = receive.recv_multipart(copy=False)
+            kind = parts[0].bytes
+            if kind == b"end":
+                break
+            if kind == b"start":
+                files.start(Selection.from_dict(json.loads(parts[1].bytes)))
+            elif kind == b"tokens":
+                files.finish_step(json.loads(parts[1].bytes))
+            else:
+                frame = decode([parts[0].bytes, parts[1].bytes, parts[2].buffer], "uint16")
+                files.add(frame.header, frame.body)
+        files.close()
+        send_outcomes()
+        report.send(json.dumps({"closed": name}).encode())
+    except Exception:
+        report.send(json.dumps({"helper": name, "failed": traceback.format_exc(limit=3)}).encode())
+        raise
+    finally:
+        report.close(linger=5000)
+        receive.close(0)
+        context.term()
+
