@@ -1,8 +1,20 @@
-"""gemmalens: run Gemma 3 with MLX and capture every named intermediate value."""
+"""gemmalens: run Gemma 3 with MLX and capture every named intermediate value.
 
-from gemmalens.engine import load, run_with_capture
-from gemmalens.api import batch_generate
-from gemmalens.sinks.npz import open_activations
+The functions below are imported on first use (MLX with them): ``import gemmalens.sinks...`` stays light.
+"""
+
+import importlib
+
+import gemmalens.engine  # noqa: F401  sets up the fast BLAS before anything imports MLX (engine/blas.py)
 
 __version__ = "0.1.0"
 __all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "__version__"]
+
+_ENTRY_POINTS = {"load": "gemmalens.engine", "run_with_capture": "gemmalens.engine", "batch_generate": "gemmalens.api",
+                 "open_activations": "gemmalens.sinks.npz"}
+
+
+def __getattr__(name: str):
+    if name not in _ENTRY_POINTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
