@@ -47,8 +47,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def default_processes() -> int:
-    """Helper processes for a machine: one per four cores, at most four; none under eight cores (with two helpers
-    or more, each step's frames cross one more socket, which a small machine's cores cannot spare)."""
+    """Processes writing step files on this machine: one per four cores, at most four (on the 16-core H200 host
+    eight were slower than four); one, this process, below eight cores, where the engine needs the cores and one
+    process keeps up (98-99% of plain speed on the 2-core machine, bench/capture.py)."""
     cores = os.cpu_count() or 1
     return min(4, cores // 4) if cores >= 8 else 1
 

@@ -130,8 +130,8 @@ class HelperError(RuntimeError):
 class Helpers:
     """``count`` helper processes writing step files into ``directory``, each with ``writers`` threads.
 
-    ``send(parts)`` forwards a received activation message to the helper of its step; ``finish_step`` sends it the
-    step's tokens; ``outcomes`` reads what they report. A helper that fails makes the next call raise
+    ``send(step, frames)`` forwards a received activation message to the helper of its step; ``finish_step`` sends
+    it the step's tokens; ``outcomes`` reads what they report. A helper that fails makes the next call raise
     ``HelperError``. Sends wait while a helper is behind (its queue holds ``QUEUE`` messages), so the engine is
     slowed rather than anything dropped.
     """
@@ -159,18 +159,21 @@ class Helpers:
         self.ready = 0
         self.held: list[dict[str, Any]] = []  # outcomes read while waiting to send, not yet returned
         deadline = time.monotonic() + START_TIMEOUT
-        while self.ready < count:
-            if time.monotonic() > deadline:
-                self.close()
-                raise HelperError(f"npz helpers: {self.ready} of {count} started within {START_TIMEOUT:.0f} s")
-            self._read(wait_ms=100)
+        try:
+            while self.ready < count:
+                if time.monotonic() > deadline:
+                    raise HelperError(f"npz helpers: {self.ready} of {count} started within {START_TIMEOUT:.0f} s")
+                self._read(wait_ms=100)
+        except BaseException:
+            self.close()
+            raise
 
     def start(self, run_info: dict[str, Any]) -> None:
         for k in range(len(self.outboxes)):
             self._send(k, [b"start", json.dumps(run_info.get("capture") or {}).encode()])
 
-    def send(self, step: int, parts: list) -> None:
-        self._send(step % len(self.outboxes), parts)
+    def send(self, step: int, frames: list) -> None:
+        self._send(step % len(self.outboxes), frames)
 
     def finish_step(self, tokens: dict[str, Any]) -> None:
         self._send(tokens["step"] % len(self.outboxes), [b"tokens", json.dumps(tokens).encode()])

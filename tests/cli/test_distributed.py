@@ -97,7 +97,8 @@ def test_engine_and_sinks_on_different_hosts_write_what_one_process_writes(tmp_p
     out = tmp_path / "remote"
     address = "tcp://10.231.7.1:5601"
     sinks = [in_ns(two_hosts["sinks"], "sink", "results", "--connect", address, "--output-dir", out),
-             in_ns(two_hosts["sinks"], "sink", "npz", "--connect", address, "--activations-dir", out / "activations")]
+             in_ns(two_hosts["sinks"], "sink", "npz", "--connect", address, "--activations-dir", out / "activations",
+                   "--processes", 2)]  # its files written by two helper processes
     engine = in_ns(two_hosts["engine"], "engine", "--model", tiny_folder, *RUN, "--bind", "tcp://10.231.7.1:5601",
                    "--insecure", "--expect", 2)
     assert engine.wait(300) == 0, engine.communicate()[1]
