@@ -9,12 +9,7 @@ from pathlib import Path
 
 import click
 
-from gemmalens.engine.generation import GenerationConfig
-from gemmalens.engine.loading import load
 from gemmalens.engine.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
-from gemmalens.engine.publisher import Publisher
-from gemmalens.engine.run import publish_run, run_info
-from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.security import CurveServer, check_exposure
 from gemmalens.engine.selection import NO_SELECTION, select
 
@@ -80,6 +75,13 @@ def parse_shard(ctx, param, value):
 @reports_errors
 def engine(**o):
     """Run the generation engine and publish tokens, activations and results."""
+    # MLX comes with these: imported here, the CLI's sink commands start without it (a second less on a CUDA host)
+    from gemmalens.engine.generation import GenerationConfig
+    from gemmalens.engine.loading import load
+    from gemmalens.engine.publisher import Publisher
+    from gemmalens.engine.run import publish_run, run_info
+    from gemmalens.engine.sampling import SamplingParams
+
     stop = {}
     for sig in EXIT_ON_SIGNAL:
         signal.signal(sig, lambda number, frame: stop.setdefault("signal", number))
