@@ -8,9 +8,10 @@ archiver reads to build its index.
 ``Helpers`` spreads that work over helper processes, each with its own
 ``StepFiles`` and its own GIL: the archiver's receiving thread then only reads
 each frame's header and forwards the message (ZeroMQ copies it without the GIL),
-and every step goes whole to one helper. On a 16-core host, files stored into
-tmpfs, one receiving thread with eight writer threads took 640 MB/s of bfloat16
-frames and four helpers 1,200 (docs/performance.md, session 8).
+and every step goes whole to one helper. On the 16-core H200 host, files stored
+into tmpfs, one process with eight writer threads took 636-800 MB/s of bfloat16
+frames and four helpers 1,181-1,285; deflated files 301-348 and 484-533
+(docs/performance.md, session 8).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ START_TIMEOUT = 120.0  # seconds for a helper process to start (it imports numpy
 
 def step_file(step: int, batch: int) -> str:
     return f"activations_step_{step}_batch_{batch}.npz"
+
+
+def step_of(file: str) -> int:
+    """The step of a file named by ``step_file``."""
+    return int(file.split("_", 3)[2])
 
 
 def _positions(slot: dict[str, Any], rows: list[list[int]]) -> np.ndarray:
@@ -85,8 +91,9 @@ class StepFiles:
         """The step's tokens (the body of its ``tokens`` message): its file goes to the writers."""
         batch, step = tokens["batch"], tokens["step"]
         slot = self.pending.pop((batch, step), None)
-        if slot is None:  # no frame of this step arrived: no file, and the batch will not be indexed
-            self.done.put({"batch": batch, "step": step, "file": None, "damaged": True, "error": None})
+        if slot is None:  # no frame: none captured at this step (positions), or every one lost
+            lost = bool(self.selection.names_for_step(step))
+            self.done.put({"batch": batch, "step": step, "file": None, "damaged": lost, "error": None})
             return
         chosen = dict(zip(tokens["prompts"], tokens["tokens"]))
         arrays = {

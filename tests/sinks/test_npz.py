@@ -133,3 +133,14 @@ def test_a_failed_write_stops_the_sink_and_keeps_the_batches_already_indexed(tmp
     activations = gemmalens.open_activations(tmp_path)
     assert activations.prompts == [0]
     assert activations.get("a")[0][0][1].tolist() == [[1.0] * 3] * 2
+
+
+@pytest.mark.parametrize("positions, steps", [("generated", [1, 2]), ("prompt", [0])])
+def test_a_run_capturing_some_steps_only_is_indexed_and_read_back(tmp_path, positions, steps):
+    model, tokenizer = tiny_generator()
+    results = gemmalens.batch_generate(model, tokenizer, ["one two three four", "five"], max_tokens=3, temperature=0,
+                                       save_activations_dir=tmp_path, capture=["model.layers.0.resid_out"],
+                                       positions=positions)
+    activations = gemmalens.open_activations(tmp_path)
+    assert activations.prompts == [0, 1] and activations.tokens == {r.index: r.tokens for r in results}
+    assert sorted(activations.get("model.layers.0.resid_out")[1]) == steps
