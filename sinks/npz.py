@@ -81,6 +81,7 @@ class NpzArchiver(Subscriber):
         self.helpers = (Helpers(processes, self.directory, compress, writers, kwargs.get("context")
                                 or zmq.Context.instance()) if processes > 1 else None)
         self.files = None if self.helpers else StepFiles(self.directory, compress, writers)
+        self.writer = self.helpers or self.files  # where steps go: finish_step, outcomes, finish
         try:
             super().__init__(connect, bfloat16_as="uint16", **kwargs)  # widened to float32 by the writers
         except BaseException:
@@ -121,12 +122,12 @@ class NpzArchiver(Subscriber):
         for prompt, token in zip(body["prompts"], body["tokens"]):
             batch["tokens"].setdefault(str(prompt), []).append(token)
         batch["sent"] += 1
-        (self.helpers or self.files).finish_step(body)
-        self._take(self.helpers.outcomes() if self.helpers else self.files.outcomes())
+        self.writer.finish_step(body)
+        self._take(self.writer.outcomes())
 
     def on_batch_end(self, body: dict[str, Any]) -> None:
         self._batch(body["batch"])["end"] = body
-        self._take(self.helpers.outcomes() if self.helpers else self.files.outcomes())
+        self._take(self.writer.outcomes())
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         self._finish()
@@ -180,11 +181,7 @@ class NpzArchiver(Subscriber):
             return
         self.finished = True
         try:
-            if self.helpers is not None:
-                outcomes = self.helpers.finish()
-            else:
-                self.files.close()
-                outcomes = self.files.outcomes()
+            outcomes = self.writer.finish()
         except HelperError as error:
             outcomes = []
             self.errors.append(error)

@@ -123,11 +123,12 @@ class StepFiles:
             out.append(self.done.get())
         return out
 
-    def close(self) -> None:
-        """Waits for every file handed to the writers (never cut short)."""
+    def finish(self) -> list[dict[str, Any]]:
+        """Waits for every file handed to the writers (never cut short); returns the outcomes not yet read."""
         self.pool.shutdown(wait=True)
         self.writing.clear()
         self.writing_bytes = 0
+        return self.outcomes()
 
 
 class HelperError(RuntimeError):
@@ -251,15 +252,15 @@ def serve(inbox: str, outbox: str, directory: str, compress: bool, writers: int,
     name = inbox.rsplit("helper", 1)[-1]
     files = StepFiles(directory, compress, writers)
 
-    def send_outcomes():
-        for outcome in files.outcomes():
+    def send_outcomes(outcomes):
+        for outcome in outcomes:
             error = outcome["error"]
             report.send(json.dumps({**outcome, "error": error and f"{type(error).__name__}: {error}"}).encode())
 
     report.send(json.dumps({"ready": name}).encode())
     try:
         while True:
-            send_outcomes()
+            send_outcomes(files.outcomes())
             if not receive.poll(1000):
                 if os.getppid() != parent:  # the archiver is gone: nobody reads what we write
                     break
@@ -275,8 +276,7 @@ def serve(inbox: str, outbox: str, directory: str, compress: bool, writers: int,
             else:
                 frame = decode([parts[0].bytes, parts[1].bytes, parts[2].buffer], "uint16")
                 files.add(frame.header, frame.body)
-        files.close()
-        send_outcomes()
+        send_outcomes(files.finish())
         report.send(json.dumps({"closed": name}).encode())
     except Exception:
         report.send(json.dumps({"helper": name, "failed": traceback.format_exc(limit=3)}).encode())
