@@ -204,7 +204,8 @@ def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int
         sinks = [_spawn(["sink", "results", *connect, "--output-dir", str(out)] + (["--echo"] if o["verbose"] else []))]
         if acts is not None:
             sinks.append(_spawn(["sink", "npz", *connect, "--activations-dir", str(acts)]
-                                + (["--no-compress-activations"] if o["no_compress_activations"] else [])))
+                                + (["--no-compress-activations"] if o["no_compress_activations"] else [])
+                                + (["--processes", str(o["archiver_processes"])] if o["archiver_processes"] else [])))
         for spec in o["attach"]:
             sinks.append(_spawn(["attach", spec, *connect]))
         viewers = ([_spawn(["sink", "stats", *[a for x in lossy for a in ("--connect", x)], *client])]
@@ -249,6 +250,9 @@ def _report(out: Path, acts: Path | None, code: int, received) -> int:
 @click.option("--activations-dir", type=click.Path(file_okay=False), default=None,
               help="Activation storage directory (default: OUTPUT_DIR/activations).")
 @click.option("--no-compress-activations", is_flag=True, help="Save uncompressed activation files.")
+@click.option("--archiver-processes", type=click.IntRange(min=1), default=None,
+              help="Processes writing the activation files (default: one per four cores, at most four; one below "
+                   "eight cores).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), default=None, help="Structured prompts JSON file.")
 @click.option("--create-sample-prompts", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write a sample prompts file and exit.")

@@ -112,7 +112,8 @@ def test_binding_beyond_loopback_needs_curve_or_an_explicit_opt_out(tmp_path, ti
 
 
 def test_two_engines_one_set_of_sinks_equal_one_engine(tmp_path, tiny_folder, reference):
-    out = run_cli("run", "--model", tiny_folder, *RUN, "--engines", 2, "--output-dir", tmp_path / "two")
+    out = run_cli("run", "--model", tiny_folder, *RUN, "--engines", 2, "--output-dir", tmp_path / "two",
+                  "--archiver-processes", 2)  # and the activation files written by two helper processes
     assert out.returncode == 0, out.stderr
     assert_same_outputs(tmp_path / "two", reference)
     assert load_json(tmp_path / "two" / "summary.json")["prompts_done"] == 8

@@ -1,8 +1,11 @@
 """Step files written by helper processes: the same files as one process, failures that stop the archiver."""
 
 import functools
+import subprocess
+import sys
 
 import numpy as np
+import psutil
 import pytest
 import zmq
 from helpers import tiny_generator
@@ -113,3 +116,17 @@ def test_an_archiver_with_helpers_writes_what_the_engine_computed(tmp_path, monk
             assert all(expected[key].tobytes() == written[key].tobytes() for key in expected.files)
     one, two = (gemmalens.open_activations(tmp_path / str(processes)) for processes in (1, 2))
     assert one.index["batches"] == two.index["batches"] and one.tokens == two.tokens and one.prompts == [0, 1, 2]
+
+
+def test_helpers_exit_when_their_archiver_is_killed(tmp_path):
+    script = ("import sys, time\nfrom gemmalens.sinks.npz import NpzArchiver\n"
+              "sink = NpzArchiver('tcp://127.0.0.1:9', sys.argv[1], processes=2)\nprint('up', flush=True)\n"
+              "time.sleep(120)")
+    archiver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert archiver.stdout.readline().strip() == "up"
+    helpers = psutil.Process(archiver.pid).children()
+    assert len(helpers) == 2
+    archiver.kill()
+    archiver.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=15)
+    assert not alive
