@@ -10,8 +10,8 @@ archiver reads to build its index.
 each frame's header and forwards the message (ZeroMQ copies it without the GIL),
 and every step goes whole to one helper. On the 16-core H200 host, files stored
 into tmpfs, one process with eight writer threads took 636-800 MB/s of bfloat16
-frames and four helpers 1,181-1,285; deflated files 301-348 and 484-533
-(docs/performance.md, session 8).
+frames and four helpers 1,181-1,865; deflated files 296-348 and 484-597
+(docs/performance.md, session 8; bench/archiver.py).
 """
 
 from __future__ import annotations
