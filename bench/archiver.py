@@ -12,7 +12,6 @@ no GPU needed: what the archiver can take on a machine, apart from the engine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -20,9 +19,10 @@ import sys
 import tempfile
 import time
 
-import lz4.block
 import numpy as np
 import zmq
+
+from gemmalens.engine.frames import encode_array, message as frame_message
 
 LAYERS, HIDDEN = 26, 1152
 SINK = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
@@ -33,16 +33,14 @@ SINK = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
 def messages(batch: int, steps: int) -> list[list[bytes]]:
     """One run of one batch: run.start, per step the 26 frames and the tokens, batch.end, run.end."""
     rng = np.random.default_rng(0)
-    payloads = [lz4.block.compress((rng.standard_normal(batch * HIDDEN).astype(np.float32).view(np.uint32) >> 16)
-                                   .astype(np.uint16).tobytes(), store_size=True) for _ in range(LAYERS)]
+    payloads = [encode_array((rng.standard_normal(batch * HIDDEN).astype(np.float32).view(np.uint32) >> 16)
+                             .astype(np.uint16), "bfloat16", "lz4") for _ in range(LAYERS)]
     rows, seqs = list(range(batch)), {}
     names = [f"model.layers.{i}.resid_out" for i in range(LAYERS)]
 
     def message(topic, fields, payload):
         seqs[topic] = seqs.get(topic, -1) + 1
-        header = {"v": 1, "run": "bench", "engine": "0", "seq": seqs[topic], **fields}
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return [topic.encode(), json.dumps(header).encode(), body]
+        return frame_message(topic, {"v": 1, "run": "bench", "engine": "0", "seq": seqs[topic], **fields}, payload)
 
     capture = {"names": names, "sample_patterns": [], "exclude": [], "positions": "generated"}
     out = [message("run.start", {"kind": "run_start"}, {"capture": capture, "prompts": []})]
