@@ -15,6 +15,7 @@ BAD_VALUES = [
     (["--batch-size", "0"], "batch-size"),
     (["--repetition-penalty", "0"], "repetition-penalty"),
     (["--positions", "middle"], "positions"),
+    (["--archiver-processes", "0"], "archiver-processes"),
 ]
 
 

@@ -130,3 +130,10 @@ def test_helpers_exit_when_their_archiver_is_killed(tmp_path):
     archiver.wait()
     _, alive = psutil.wait_procs(helpers, timeout=15)
     assert not alive
+
+
+def test_sinks_and_their_helpers_import_no_mlx():
+    script = ("import sys\nimport gemmalens.sinks.npz, gemmalens.sinks.results, gemmalens.sinks.stats, "
+              "gemmalens.cli.main\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
