@@ -6,12 +6,14 @@ every point except attention (scores and weights) to a subscriber that decodes e
 limit for those frames (the same frames, already on the host, sent again); mlx-lm's Gemma 3 on the same
 weights and inputs. Prompt 64 tokens, 128 new tokens, greedy, batch 1, 16, 64; then 4B shapes at batch 16
 without capture, against mlx-lm. gemmalens, resid_out -> npz and mlx-lm run in interleaved rounds (the card's
-speed drifts between runs) and their medians are reported, ratios as the median of each round's. Checks first
+speed drifts between runs) and their medians are reported, ratios as the median of each round's; at batch 64,
+rounds of runs of four batches each (256 prompts: a harvest's sustained speed, the fixed cost of a run's end,
+about 0.05-0.1 s for the sink's last files and exit, spread over four times the tokens) follow. Checks first
 that the compiled decode step and the eager one agree, and the decode attention kernel (engine/kernels.py)
 against float32 attention on the CPU beside MLX's own. Prints a table last.
 
-    python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--rounds 3] [--no-four-b]
-                        [--archiver 1x8,4x4] [--engine-breakdown]
+    python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--rounds 3] [--steady 4]
+                        [--no-four-b] [--archiver 1x8,4x4] [--engine-breakdown]
 """
 
 from __future__ import annotations
@@ -95,10 +97,10 @@ def prompts_for(batch, length=64, seed=0):
     return [[2] + rng.integers(3, 262000, size=length - 1).tolist() for _ in range(batch)]
 
 
-def run_plain(model, batch, new_tokens, compiled=True):
+def run_plain(model, batch, new_tokens, compiled=True, batches=1):
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch, compiled=compiled)
     started = time.perf_counter()
-    results = [e.result for e in generate(model, IdTokenizer(), prompts_for(batch), config)
+    results = [e.result for e in generate(model, IdTokenizer(), prompts_for(batch * batches), config)
                if isinstance(e, ResultEvent)]
     seconds = time.perf_counter() - started
     return sum(len(r.tokens) for r in results) / seconds, results
@@ -146,16 +148,16 @@ def sink_process(sink, workers, storage="stored"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2, storage="stored"):
+def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, workers=2, storage="stored", batches=1):
     """The engine publishing to a sink in its own process (default: an npz archiver, as `gemmalens run` does,
     its files ``stored`` or compressed by ``deflate``). Timed from ``run.start`` (the sink has subscribed) until
     the sink has written everything and exited; returns tokens/s, raw bytes/s on the bus and the seconds the
-    sink took to start.
+    sink took to start. ``batches``: batches of ``batch`` prompts in the run (the end's fixed cost spread over more).
 
     ``workers``: compression threads for frames of 1 MiB or more (resid_out's smaller frames are compressed by
     the sender thread itself); eight suit every point's hundreds of megabytes per step."""
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
-    prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch))]
+    prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch * batches))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
     with sink_process(sink or ARCHIVER, workers, storage) as publisher:
         results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
@@ -361,6 +363,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of gemmalens, resid_out -> npz and mlx-lm, interleaved, per batch "
                              "(medians reported)")
+    parser.add_argument("--steady", type=int, default=4, metavar="K",
+                        help="at batch 64, also rounds of K batches per run (plain, resid_out -> npz stored and "
+                             "deflated): the capture's sustained speed, its end's fixed cost spread; 0 skips")
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
     parser.add_argument("--engine-breakdown", action="store_true",
                         help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
@@ -409,12 +414,25 @@ def main():
         row["all"], row["all bus"], _ = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
                                                      sink=COUNTER, workers=8)
         row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
-        rows.append(row)
         print(f"batch {batch}: gemmalens {spread(plain)} tok/s, mlx-lm {spread(theirs)}, resid -> npz "
               f"{spread([run[0] for run in resid])} ({spread([run[1] / 1e6 for run in resid])} MB/s; the archiver took "
               f"{spread([run[2] for run in resid], '.1f')} s to start, not counted); compressed files "
               f"{row['deflate']:.0f}; all-but-attention {row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit "
               f"{row['limit'] / 1e6:.0f} MB/s)", flush=True)
+        if batch == 64 and args.steady:
+            steady = {"plain": [], "stored": [], "deflate": []}
+            for _ in range(args.rounds):
+                steady["plain"].append(run_plain(model, batch, args.new_tokens, batches=args.steady)[0])
+                for storage in ("stored", "deflate"):
+                    steady[storage].append(run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
+                                                        storage=storage, batches=args.steady)[0])
+            row["steady"] = {k: statistics.median(v) for k, v in steady.items()}
+            row["steady vs own"] = {k: statistics.median(c / p for c, p in zip(steady[k], steady["plain"]))
+                                    for k in ("stored", "deflate")}
+            print(f"batch {batch}, {args.steady} batches per run: gemmalens {spread(steady['plain'])} tok/s, resid -> "
+                  f"npz {spread(steady['stored'])} ({row['steady vs own']['stored']:.0%} of own), compressed files "
+                  f"{spread(steady['deflate'])} ({row['steady vs own']['deflate']:.0%})", flush=True)
+        rows.append(row)
     floor = device_bw * 1e9 / bytes_per_token
     print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")
     print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'ratio':>6} {'floor%':>7} {'resid->npz':>11} {'vs own':>7} "
@@ -426,6 +444,12 @@ def main():
               f"{r['resid vs own']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
               f"{r['deflate'] / r['plain']:>7.0%} {r['all']:>13.0f} {r['all bus'] / 1e6:>9.0f} "
               f"{r['limit'] / 1e6:>11.0f} {r['all bus'] / r['limit']:>9.0%} {r['peak']:>8.1f}")
+    for r in rows:
+        if "steady" in r:
+            print(f"batch {r['batch']}, {args.steady} batches per run ({args.steady * r['batch']} prompts): gemmalens "
+                  f"{r['steady']['plain']:.0f} tok/s, resid->npz {r['steady']['stored']:.0f} "
+                  f"({r['steady vs own']['stored']:.0%} of own), deflated {r['steady']['deflate']:.0f} "
+                  f"({r['steady vs own']['deflate']:.0%})")
     if args.engine_breakdown:
         parts = engine_breakdown(model)
         print("engine's process, resid_out at batch 64: " + ", ".join(
