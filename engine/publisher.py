@@ -21,7 +21,9 @@ those smaller payloads rather than tracking them for release (a release
 notice per frame wakes pyzmq's collector thread). Frames of one topic go out
 in order, and a step's frames before its tokens (sinks complete a step on its
 tokens). Every topic has its own sequence numbers; ``run.end`` carries the
-count per topic so each sink can check that it has everything.
+count per topic so each sink can check that it has everything, and, with
+``stats``, how long the engine waited for the bus and the sender for the sinks
+(which says whether a slow sink sets the pace).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class Publisher:
         self.counts: Counter = Counter()
         self.bytes_raw = 0
         self.bytes_wire = 0
+        self.engine_waited = 0.0  # seconds the engine thread waited for room in the queue: the bus was behind
+        self.sinks_waited = 0.0  # seconds the sender waited for room at the reliable endpoint: a sink was behind
         self.sinks: set[str] = set()
         self._rows: tuple = ((None, None, None), "")  # the last step's row lists and their JSON
         self._reliable = self._bind(zmq.XPUB, reliable, high_water_mark, curve) if reliable else None
@@ -164,7 +168,10 @@ class Publisher:
                                                              "steps": event.steps}))
 
     def stats(self, values: dict[str, Any]) -> None:
-        self._put(("json", "stats", "stats", {**values, "queue_depth": self._queue.qsize()}))
+        self._put(("json", "stats", "stats", {**values, "queue_depth": self._queue.qsize(), **self._waits()}))
+
+    def _waits(self) -> dict[str, float]:
+        return {"engine_waited_seconds": round(self.engine_waited, 3), "sinks_waited_seconds": round(self.sinks_waited, 3)}
 
     def finish(self, complete: bool, reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publishes ``run.end`` with the totals, flushes and closes. Returns the totals."""
@@ -196,7 +203,12 @@ class Publisher:
     def _put(self, item) -> None:
         if self._error is not None:
             raise PublisherError(f"publishing failed: {self._error}") from self._error
-        self._queue.put(item)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:  # the sender is behind: wait, and count the wait
+            started = time.perf_counter()
+            self._queue.put(item)
+            self.engine_waited += time.perf_counter() - started
 
     def _wait_for_sinks(self, should_stop) -> None:
         if self._reliable is None or (self.expect <= 0 and not self.expect_names):
@@ -256,7 +268,7 @@ class Publisher:
     def _json_message(self, item):
         if item[0] == "end":
             totals = item[1]
-            totals.update(topics=dict(self.counts), bytes_raw=self.bytes_raw, bytes_wire=self.bytes_wire)
+            totals.update(topics=dict(self.counts), bytes_raw=self.bytes_raw, bytes_wire=self.bytes_wire, **self._waits())
             return self._frame("run.end", {"kind": "run_end"}, totals)
         _, topic, kind, body = item
         return self._frame(topic, {"kind": kind}, body)
@@ -296,10 +308,12 @@ class Publisher:
             self.bytes_wire += len(payload)
         else:
             parts = frame
-        if self._reliable is not None:
+        if self._reliable is not None and not self._send_parts(self._reliable, parts):
+            started = time.perf_counter()
             while not self._send_parts(self._reliable, parts):  # a reliable sink is behind: wait for room
                 if self._reliable.poll(50, zmq.POLLIN | zmq.POLLOUT) & zmq.POLLIN:
                     self._read_subscription()
+            self.sinks_waited += time.perf_counter() - started
         if self._lossy is not None:
             self._send_parts(self._lossy, parts)  # PUB drops for slow subscribers, never blocks
 

@@ -27,6 +27,11 @@ from gemmalens.engine.frames import Frame, decode
 CONTROL = ("run.start", "run.end", "stats", "batch.end")  # every subscriber receives these
 
 
+# Messages a reliable subscriber holds unread; beyond them the engine waits (back-pressure; nothing is dropped). With
+# no bound (0), a sink slower than the engine buffered everything it had not written yet: memory without limit.
+RELIABLE_HWM = 256
+
+
 class SinkError(RuntimeError):
     """A subscriber could not complete its run (no engine came, timed out)."""
 
@@ -44,7 +49,7 @@ class Subscriber:
         self.context = context or zmq.Context.instance()
         self.bfloat16_as = bfloat16_as
         self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 0 if self.reliable else 1000)
+        self.socket.setsockopt(zmq.RCVHWM, RELIABLE_HWM if self.reliable else 1000)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.connect(self.socket)
@@ -193,6 +198,8 @@ def _merge_ends(ends: dict[str, dict[str, Any]]) -> dict[str, Any]:
         merged[key] = sum(e.get(key, 0) for e in ends.values())
     merged["prompts_total"] = max((e.get("prompts_total", 0) for e in ends.values()), default=0)
     merged["seconds"] = max((e.get("seconds", 0) for e in ends.values()), default=0)
+    for key in ("engine_waited_seconds", "sinks_waited_seconds"):  # the engine held back longest
+        merged[key] = max((e.get(key, 0.0) for e in ends.values()), default=0.0)
     merged["tokens_per_second"] = merged["tokens"] / merged["seconds"] if merged["seconds"] else 0.0
     topics: dict[str, int] = {}
     for end in ends.values():

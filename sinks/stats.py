@@ -18,8 +18,13 @@ def format_line(stats: dict[str, Any]) -> str:
     frames_rate = stats.get("frames", 0) / seconds if seconds else 0.0
     per_prompt = seconds / done if done else None
     eta = f"{per_prompt * (total - done):.0f}s" if per_prompt else "?"
-    return (f"prompts {done}/{total} | {rate:.1f} tok/s | {frames_rate:.1f} frames/s | "
+    line = (f"prompts {done}/{total} | {rate:.1f} tok/s | {frames_rate:.1f} frames/s | "
             f"queue {stats.get('queue_depth', 0)} | ETA {eta}")
+    if seconds and "engine_waited_seconds" in stats:
+        # shares of the run so far: the engine held back by the bus, the bus held back by a reliable sink
+        waited, behind = stats["engine_waited_seconds"] / seconds, stats["sinks_waited_seconds"] / seconds
+        line += f" | engine waited {waited:.0%} | sinks behind {behind:.0%}"
+    return line
 
 
 class LiveStats(LossySubscriber):

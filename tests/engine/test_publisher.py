@@ -206,3 +206,31 @@ def test_the_engine_waits_for_expected_sinks_and_says_who_is_missing():
     publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=2, sync_timeout=0.5)
     with pytest.raises(PublisherError, match=r"for 2 sink\(s\) on tcp://127\.0\.0\.1:\d+, 0 came"):
         publisher.start({})
+
+
+def test_a_reliable_sink_that_falls_behind_holds_the_engine_back_instead_of_buffering_without_bound():
+    context = zmq.Context.instance()
+    publisher = Publisher(reliable="inproc://behind-test", expect=1, context=context, high_water_mark=2, queue_size=2)
+    stalled, release = threading.Event(), threading.Event()
+
+    class Stalled(Subscriber):
+        def on_activation(self, frame):
+            stalled.set()
+            release.wait()
+
+    sink = Stalled("inproc://behind-test", name="stalled", context=context)
+    reader = threading.Thread(target=lambda: sink.run(timeout=120), daemon=True)
+    reader.start()
+    out = {}
+    engine = threading.Thread(target=lambda: out.update(totals=small_run(publisher, max_tokens=4, capture=("*",))[1]))
+    engine.start()
+    assert stalled.wait(timeout=120)
+    engine.join(timeout=2)  # unheld, the rest of this run takes under a second: far more frames than a sink holds
+    assert engine.is_alive()
+    release.set()
+    engine.join(timeout=120)
+    reader.join(timeout=120)
+    totals = out["totals"]
+    assert sum(n for topic, n in totals["topics"].items() if topic.startswith("act.")) > 600
+    assert sink.complete and totals["engine_waited_seconds"] > 1 and totals["sinks_waited_seconds"] > 1
+    assert sink.summary["engine_waited_seconds"] == totals["engine_waited_seconds"]
