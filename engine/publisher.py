@@ -171,7 +171,8 @@ class Publisher:
         self._put(("json", "stats", "stats", {**values, "queue_depth": self._queue.qsize(), **self._waits()}))
 
     def _waits(self) -> dict[str, float]:
-        return {"engine_waited_seconds": round(self.engine_waited, 3), "sinks_waited_seconds": round(self.sinks_waited, 3)}
+        return {"engine_waited_seconds": round(self.engine_waited, 3),
+                "sinks_waited_seconds": round(self.sinks_waited, 3)}
 
     def finish(self, complete: bool, reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publishes ``run.end`` with the totals, flushes and closes. Returns the totals."""
@@ -268,7 +269,8 @@ class Publisher:
     def _json_message(self, item):
         if item[0] == "end":
             totals = item[1]
-            totals.update(topics=dict(self.counts), bytes_raw=self.bytes_raw, bytes_wire=self.bytes_wire, **self._waits())
+            totals.update(topics=dict(self.counts), bytes_raw=self.bytes_raw, bytes_wire=self.bytes_wire,
+                          **self._waits())
             return self._frame("run.end", {"kind": "run_end"}, totals)
         _, topic, kind, body = item
         return self._frame(topic, {"kind": kind}, body)
