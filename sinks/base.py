@@ -32,6 +32,12 @@ CONTROL = ("run.start", "run.end", "stats", "batch.end")  # every subscriber rec
 RELIABLE_HWM = 256
 
 
+def message_parts(frames: list[zmq.Frame]) -> list:
+    """A received message's frames as ``decode`` takes them: topic and header as bytes, the payload read where
+    ZeroMQ received it (not copied)."""
+    return [frame.bytes for frame in frames[:2]] + [frame.buffer for frame in frames[2:]]
+
+
 class SinkError(RuntimeError):
     """A subscriber could not complete its run (no engine came, timed out)."""
 
@@ -129,8 +135,8 @@ class Subscriber:
         return self.complete
 
     def receive(self, frames: list[zmq.Frame]) -> None:
-        """One received message as ZeroMQ frames: decoded (the payload read where ZeroMQ received it) and handled."""
-        self.handle([frame.bytes for frame in frames[:2]] + [frame.buffer for frame in frames[2:]])
+        """One received message as ZeroMQ frames: decoded and handled."""
+        self.handle(message_parts(frames))
 
     def handle(self, parts: list[bytes]) -> None:
         """Checks the sequence of one message and dispatches it to its callback."""

@@ -36,6 +36,7 @@ import zmq
 from gemmalens.engine.frames import decode
 from gemmalens.engine.selection import NO_SELECTION, Selection
 
+from .base import message_parts
 from .npzfile import write_npz
 
 BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
@@ -274,7 +275,7 @@ def serve(inbox: str, outbox: str, directory: str, compress: bool, writers: int,
             elif kind == b"tokens":
                 files.finish_step(json.loads(parts[1].bytes))
             else:
-                frame = decode([parts[0].bytes, parts[1].bytes, parts[2].buffer], "uint16")
+                frame = decode(message_parts(parts), "uint16")
                 files.add(frame.header, frame.body)
         send_outcomes(files.finish())
         report.send(json.dumps({"closed": name}).encode())
