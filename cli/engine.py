@@ -13,7 +13,7 @@ from gemmalens.engine.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompt
 from gemmalens.engine.security import CurveServer, check_exposure
 from gemmalens.engine.selection import NO_SELECTION, select
 
-from .options import generation_options, reports_errors, require_pair
+from .options import addresses, generation_options, reports_errors, require_pair
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -54,9 +54,11 @@ def parse_shard(ctx, param, value):
 @click.option("--skip-file", type=click.Path(dir_okay=False), default=None,
               help="JSON list of prompt ids already finished (set by --resume).")
 @click.option("--bind", "bind", multiple=True, default=["tcp://127.0.0.1:5555"], show_default=True,
-              help="Reliable endpoint(s) for archival sinks (repeatable).")
-@click.option("--lossy-bind", multiple=True, help="Lossy endpoint(s) for live views.")
-@click.option("--expect", type=click.IntRange(min=0), default=0, help="Wait for this many sinks before publishing.")
+              callback=addresses, help="Reliable endpoint(s) for archival sinks (repeatable).")
+@click.option("--lossy-bind", multiple=True, callback=addresses,
+              help="Lossy endpoint(s) for live views (repeatable; default: none).")
+@click.option("--expect", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Wait for this many sinks before publishing.")
 @click.option("--sync-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for them.")
 @click.option("--codec", type=click.Choice(["lz4", "lz4+shuffle", "raw"]), default="lz4", show_default=True,
               help="Payload encoding. lz4+shuffle makes decode-step frames no smaller and halves the GPU's "
@@ -77,9 +79,9 @@ def engine(**o):
     """Run the generation engine and publish tokens, activations and results."""
     # MLX comes with these: imported here, the CLI's sink commands start without it (a second less on a CUDA host)
     from gemmalens.engine.generation import GenerationConfig
-    from gemmalens.engine.loading import load
+    from gemmalens.engine.loading import chat_warning, load
     from gemmalens.engine.publisher import Publisher
-    from gemmalens.engine.run import publish_run, run_info
+    from gemmalens.engine.run import capture_estimate, check_prompts, publish_run, run_info
     from gemmalens.engine.sampling import SamplingParams
 
     stop = {}
@@ -98,6 +100,11 @@ def engine(**o):
     )
     patterns = list(o["capture"]) or (["*"] if o["save_activations"] else [])
     selection = select(model.config, patterns, list(o["exclude"]), o["layers"], o["positions"]) if patterns else NO_SELECTION
+    check_prompts(tokenizer, share, config.chat, config.max_tokens, model.config.max_position_embeddings)
+    if config.chat and chat_warning(model.source):
+        click.echo(chat_warning(model.source), err=True)
+    if selection:
+        click.echo(capture_estimate(model, tokenizer, share, config, selection)[1], err=True)
     publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],
                           codec=o["codec"], run_id=o["run_id"],
                           sync_timeout=o["sync_timeout"], curve=curve, engine_id=f"{o['shard'][0]}",

@@ -13,16 +13,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import click
 
 from gemmalens import __version__
 from gemmalens.engine.prompts import by_category, load_prompts, parse_prompts, sample_prompts
-from gemmalens.sinks.npz import INDEX, Activations
-from gemmalens.sinks.results import METADATA, RESULTS, RESULTS_LINES, SUMMARY, read_result_lines
+from gemmalens.sinks.reader import INDEX, ActivationArchive
+from gemmalens.sinks.results import METADATA, RESULTS, RESULTS_LINES, SUMMARY, dump_json, read_result_lines
 
 from .engine import engine
-from .options import generation_options, reports_errors, require_pair
+from .options import addresses, generation_options, reports_errors, require_pair
 from .sinks import attach, keys, sink
 
 # Flags of `run` forwarded as they are to `gemmalens engine`.
@@ -42,9 +43,11 @@ def cli():
 
 
 def safe_folder_name(category: str) -> str:
-    """A folder name for a category that cannot leave the output folder ('../../etc' -> 'etc')."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", category).strip("._")
-    return name or "category"
+    """A folder name for a category, one-to-one: characters other than letters, digits, '_' and '-' (and a dot
+    that would start the name) are %-escaped, so two categories never share a folder and none leaves the output
+    folder ('../x' -> '%2E%2E%2Fx', 'a/b' -> 'a%2Fb')."""
+    return "".join(c if re.fullmatch(r"[A-Za-z0-9_-]", c) or (c == "." and i) else f"%{ord(c):02X}"
+                   if ord(c) < 256 else quote(c, safe="") for i, c in enumerate(category))
 
 
 def engine_arguments(o: dict) -> list[str]:
@@ -100,7 +103,7 @@ def _resume_state(out: Path, acts: Path | None, settings: dict) -> tuple[dict, l
         )
     done = set(read_result_lines(out / RESULTS_LINES))
     if acts is not None and settings.get("save_activations"):
-        done &= set(Activations(acts).prompts) if (acts / INDEX).exists() else set()
+        done &= set(ActivationArchive(acts).prompts) if (acts / INDEX).exists() else set()
     return settings, sorted(done)
 
 
@@ -109,7 +112,9 @@ def _normal(value):
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", *args])
+    """A gemmalens command as a child process in a session of its own: a Ctrl-C at the terminal reaches ``run``
+    alone, which ends the run through the engine (the sinks then finish what they received)."""
+    return subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", *args], start_new_session=True)
 
 
 def _local_keys(o: dict, tmp: Path) -> tuple[list[str], list[str]]:
@@ -192,7 +197,8 @@ def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int
             click.echo(f"note: replacing the outputs of an earlier run in {out} (use --resume to continue it)", err=True)
         if settings["seed"] is None:
             settings["seed"] = secrets.randbits(31)
-    (out / RUN_CONFIG).write_text(json.dumps({**settings, "category": category}, indent=2))
+    (out / RUN_CONFIG).write_text(json.dumps({**settings, "category": category,
+                                              "activations_dir": str(acts.resolve()) if acts else None}, indent=2))
     run_id = secrets.token_hex(6)
     tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
     try:
@@ -208,8 +214,10 @@ def _one_run(o: dict, out: Path, acts: Path | None, category: str | None) -> int
                                 + (["--processes", str(o["archiver_processes"])] if o["archiver_processes"] else [])))
         for spec in o["attach"]:
             sinks.append(_spawn(["attach", spec, *connect]))
-        viewers = ([_spawn(["sink", "stats", *[a for x in lossy for a in ("--connect", x)], *client])]
-                   if sys.stderr.isatty() else [])
+        watched = [a for folder in (out, acts) if folder is not None for a in ("--watch", str(folder))]
+        viewers = ([] if o["quiet"] else
+                   [_spawn(["sink", "stats", *[a for x in lossy for a in ("--connect", x)], *client, *watched,
+                            "--every", str(o["progress_every"])])])
         skip_file = tmp / "skip.json"
         skip_file.write_text(json.dumps(skip))
         engines = []
@@ -246,10 +254,12 @@ def _report(out: Path, acts: Path | None, code: int, received) -> int:
 @click.option("--verbose", is_flag=True, help="Print each result, and tracebacks on errors.")
 @click.option("--output-dir", type=click.Path(file_okay=False), default="./gemma3_results", show_default=True,
               help="Directory for results.")
-@click.option("--save-activations", is_flag=True, help="Enable activation capture.")
+@click.option("--save-activations", is_flag=True,
+              help="Enable activation capture (every point unless --capture narrows it).")
 @click.option("--activations-dir", type=click.Path(file_okay=False), default=None,
-              help="Activation storage directory (default: OUTPUT_DIR/activations).")
-@click.option("--no-compress-activations", is_flag=True, help="Save uncompressed activation files.")
+              help="Activation storage directory (default: OUTPUT_DIR/activations); implies --save-activations.")
+@click.option("--no-compress-activations", is_flag=True,
+              help="Save activation files stored, not deflated (larger, faster to write and read).")
 @click.option("--archiver-processes", type=click.IntRange(min=1), default=None,
               help="Processes writing the activation files (default: one per four cores, at most four; one below "
                    "eight cores).")
@@ -258,8 +268,10 @@ def _report(out: Path, acts: Path | None, code: int, received) -> int:
               help="Write a sample prompts file and exit.")
 @click.option("--process-by-group", is_flag=True, help="Run each category into its own subfolder.")
 @click.option("--resume", is_flag=True, help="Continue a stopped run in the same output folder.")
-@click.option("--bind", default=None, help="Engine endpoint for sinks (default: a private ipc:// address).")
-@click.option("--lossy-bind", default=None, help="Engine endpoint for live views.")
+@click.option("--bind", default=None, callback=addresses,
+              help="Engine endpoint for sinks (default: a private ipc:// address).")
+@click.option("--lossy-bind", default=None, callback=addresses,
+              help="Engine endpoint for live views (default: a private ipc:// address).")
 @click.option("--attach", multiple=True, metavar="MODULE:CLASS", help="Also run this custom subscriber.")
 @click.option("--expect-remote", type=click.IntRange(min=0), default=0,
               help="Also wait for this many sinks started elsewhere (connect them to --bind).")
@@ -271,6 +283,9 @@ def _report(out: Path, acts: Path | None, code: int, received) -> int:
 @click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder of the remote sinks' public keys to accept.")
 @click.option("--insecure", is_flag=True, help="Allow --bind beyond loopback without CURVE.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
+              help="Seconds between progress lines when stderr is not a terminal (a terminal gets a live bar).")
 @reports_errors
 def run(**o):
     """Generate for a prompt set with the engine and sinks as separate processes."""
@@ -281,7 +296,7 @@ def run(**o):
         path.write_text(json.dumps(sample_prompts(), indent=2) + "\n")
         click.echo(f"wrote sample prompts to {path}; edit it and pass it with --prompts-file", err=True)
         return
-    if o["capture"] and not o["save_activations"]:
+    if (o["capture"] or o["activations_dir"]) and not o["save_activations"]:
         o["save_activations"] = True
     prompts = load_prompts(o["prompts_file"]) if o["prompts_file"] else None
     if o["prompts_file"]:
@@ -294,19 +309,35 @@ def run(**o):
         sys.exit(_one_run(o, out, acts, None))
     groups = by_category(prompts if prompts is not None else parse_prompts(sample_prompts()))
     worst = 0
-    for category in groups:
-        folder = safe_folder_name(category)
-        code = _one_run(o, out / folder, acts / folder if acts is not None else None, category)
-        if code >= 128:
-            sys.exit(code)
-        worst = max(worst, code)
+    try:
+        for category in groups:
+            folder = safe_folder_name(category)
+            code = _one_run(o, out / folder, acts / folder if acts is not None else None, category)
+            if code >= 128:
+                sys.exit(code)
+            worst = max(worst, code)
+    finally:
+        _group_summary(out, list(groups))
     sys.exit(worst)
+
+
+def _group_summary(out: Path, categories: list[str]) -> None:
+    """The root summary.json of a --process-by-group run: each group's state and the totals."""
+    groups, totals = {}, {"prompts_done": 0, "prompts_total": 0, "tokens_generated": 0}
+    for category in categories:
+        path = out / safe_folder_name(category) / SUMMARY
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        groups[category] = {"folder": safe_folder_name(category), "complete": bool(summary.get("complete")),
+                            **{k: summary.get(k, 0) for k in totals}}
+        for key in totals:
+            totals[key] += summary.get(key, 0)
+    dump_json(out / SUMMARY, {"complete": all(g["complete"] for g in groups.values()), **totals, "groups": groups})
 
 
 @cli.command()
 @click.argument("pattern", required=False)
 @click.option("--model", default=None, help="Model whose points to list (default: the embedded 270M).")
-@click.option("--verbose", is_flag=True)
+@click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
 @reports_errors
 def names(pattern, model, verbose):
     """List capture points with their shapes and meaning (optionally those matching PATTERN)."""
@@ -314,24 +345,16 @@ def names(pattern, model, verbose):
 
     from gemmalens.engine.config import config_from_hf
     from gemmalens.engine.loading import read_config_json, resolve
-    from gemmalens.engine.selection import catalogue
+    from gemmalens.engine.selection import catalogue, dimension_sizes, eval_dim
 
     config = config_from_hf(read_config_json(resolve(model)))
-    sizes = {"E": config.hidden_size, "F": config.intermediate_size, "H": config.num_attention_heads,
-             "G": config.num_key_value_heads, "D": config.head_dim, "V": config.vocab_size}
+    sizes = dimension_sizes(config)
     rows = [(n, s, m) for n, s, m in catalogue(config) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
     if not rows:
         raise click.UsageError(f"no capture point matches {pattern!r}")
     for name, shape, meaning in rows:
-        dims = ",".join(_size(d, sizes) for d in shape.split(","))
+        dims = ",".join(str(eval_dim(d, sizes)) if d not in ("B", "S", "K") else d for d in shape.split(","))
         click.echo(f"{name:<58} [{dims}]  {meaning}")
-
-
-def _size(dim: str, sizes: dict[str, int]) -> str:
-    if "*" in dim:
-        a, b = dim.split("*")
-        return str(sizes[a] * sizes[b])
-    return str(sizes.get(dim, dim))
 
 
 cli.add_command(engine)

@@ -49,6 +49,18 @@ def generation_options(command):
     return command
 
 
+def addresses(ctx, param, value):
+    """A click callback: every address of a (repeatable) option checked (``check_address``)."""
+    from gemmalens.engine.security import AddressError, check_address
+
+    values = [value] if isinstance(value, str) else list(value or ())
+    try:
+        checked = [check_address(v, param.opts[0]) for v in values]
+    except AddressError as error:
+        raise click.BadParameter(str(error).split(": ", 1)[-1], ctx=ctx, param=param) from None
+    return checked[0] if isinstance(value, str) else tuple(checked)
+
+
 def require_pair(options: dict, first: str, second: str) -> bool:
     """True when both options are given, False when neither; one without the other is a usage error."""
     given = bool(options.get(first)), bool(options.get(second))

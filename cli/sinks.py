@@ -14,33 +14,41 @@ from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.results import ResultsWriter
 from gemmalens.sinks.stats import LiveStats
 
-from .options import reports_errors, require_pair
+from .options import addresses, reports_errors, require_pair
 
 
-class _Terminated(Exception):
-    pass
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM reached the sink."""
 
 
 def serve(sink: Subscriber, idle_timeout: float | None) -> None:
-    """Runs a sink to the end of the run. Ctrl-C is left to the engine (which ends the run after
-    the current step); SIGTERM finishes the sink at once, its outputs marked incomplete."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Runs a sink to the end of the run, saying every few seconds that it waits for an engine until one starts.
+    Ctrl-C or SIGTERM stops it at once, its outputs marked incomplete (exit 130/143). Exits 1 when the run it
+    received is incomplete, naming what is missing."""
+    received = {}
 
-    def terminate(number, frame):
-        raise _Terminated()
+    def stop(number, frame):
+        received["signal"] = number
+        raise _Stopped()
 
-    signal.signal(signal.SIGTERM, terminate)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, stop)
+
+    def waiting(seconds):
+        click.echo(f"{sink.name}: waiting for an engine at {', '.join(sink.addresses)} ({seconds:.0f} s)", err=True)
+
     try:
-        complete = sink.run(idle_timeout=idle_timeout)
-    except _Terminated:
-        sink.abort("sink terminated")
-        sys.exit(143)
+        complete = sink.run(idle_timeout=idle_timeout, on_wait=waiting)
+    except _Stopped:
+        sink.abort("sink stopped by a signal")
+        what = "before any run started" if sink.run_info is None else "in the middle of the run; outputs incomplete"
+        click.echo(f"{sink.name}: stopped {what}", err=True)
+        sys.exit(128 + received["signal"])
     except Exception as error:
         sink.abort(f"sink failed: {error}")
         raise
     if not complete:
-        click.echo(f"{sink.name}: incomplete run: gaps {sink.gaps or 'none'}, missing {sink.missing() or 'none'}, "
-                   f"engine says {sink.summary.get('reason') or 'complete'}", err=True)
+        click.echo(f"{sink.name}: incomplete run: {sink.shortfall()}", err=True)
         sys.exit(1)
 
 
@@ -53,11 +61,12 @@ def common(command):
                            help="This sink's NAME.key_secret (CURVE).")(command)
     command = click.option("--curve-server", type=click.Path(exists=True, dir_okay=False), default=None,
                            help="The engine's public key file: refuse any other engine.")(command)
-    command = click.option("--connect", multiple=True, required=True,
+    command = click.option("--connect", multiple=True, required=True, callback=addresses,
                            help="Engine endpoint(s) to subscribe to (several engines of one run: repeat).")(command)
     command = click.option("--name", default=None, help="Name announced to the engine.")(command)
-    command = click.option("--idle-timeout", type=float, default=None,
-                           help="Give up after this many silent seconds in a run.")(command)
+    command = click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                           help="Give up after this many seconds without a message, waiting for a run included "
+                                "(default: never).")(command)
     command = click.option("--verbose", is_flag=True, help="Show tracebacks.")(command)
     return command
 
@@ -69,8 +78,10 @@ def sink():
 
 @sink.command("npz")
 @common
-@click.option("--activations-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--no-compress-activations", is_flag=True)
+@click.option("--activations-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the activations_step_*.npz files and their index.")
+@click.option("--no-compress-activations", is_flag=True,
+              help="Store the arrays uncompressed (larger files, faster to write and read).")
 @click.option("--processes", type=click.IntRange(min=1), default=None,
               help="Processes writing the files, each a share of the steps (default: one per four cores, at most "
                    "four; one below eight cores).")
@@ -83,7 +94,8 @@ def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_
 
 @sink.command("results")
 @common
-@click.option("--output-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for results.json, results.jsonl, prompt_metadata.json and summary.json.")
 @click.option("--echo", is_flag=True, help="Print each result as it arrives.")
 @reports_errors
 def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **curve):
@@ -94,10 +106,15 @@ def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **curve
 
 @sink.command("stats")
 @common
+@click.option("--every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
+              help="Seconds between progress lines when stderr is not a terminal (a terminal gets a live bar).")
+@click.option("--watch", multiple=True, type=click.Path(file_okay=False), metavar="FOLDER",
+              help="Also show the bytes written into this folder (repeatable).")
 @reports_errors
-def stats_sink(connect, name, idle_timeout, verbose, **curve):
+def stats_sink(connect, name, idle_timeout, verbose, every, watch, **curve):
     """Show live progress (connect it to the engine's lossy endpoint)."""
-    serve(LiveStats(list(connect), name=name or "stats", curve=_curve(curve)), idle_timeout)
+    serve(LiveStats(list(connect), name=name or "stats", curve=_curve(curve), every=every, folders=watch),
+          idle_timeout)
 
 
 def load_subscriber(spec: str) -> type[Subscriber]:
@@ -125,7 +142,8 @@ def attach(subscriber, connect, name, idle_timeout, verbose, **curve):
 
 @click.command()
 @click.argument("name")
-@click.option("--dir", "folder", type=click.Path(file_okay=False), default=".", show_default=True)
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder to write the two key files into.")
 @reports_errors
 def keys(name, folder, verbose=False):
     """Create a CURVE key pair: NAME.key (public, to share) and NAME.key_secret (to keep)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -109,8 +109,9 @@ def open_gguf(path: Path):
         raise CheckpointError(f"{path}: not a readable GGUF file ({error}); the file is corrupt or truncated") from None
 
 
-def read_gguf(path: Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
-    """Dequantizes a Gemma 3 GGUF file into float32 arrays under decoder names.
+def read_gguf(path: Path) -> tuple[Gemma3Config, dict[str, np.ndarray], GGUFVocabulary]:
+    """Dequantizes a Gemma 3 GGUF file into float32 arrays under decoder names; returns its config, the arrays
+    and its vocabulary.
 
     GGUF stores every RMSNorm weight with the +1 already added; it is removed
     here so the weights mean what Hugging Face's do.
@@ -138,7 +139,25 @@ def read_gguf(path: Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
     if "model.embed_tokens.weight" not in weights:
         raise CheckpointError(f"{path}: no token_embd.weight tensor; not a complete Gemma 3 GGUF file")
     config = config_from_gguf(meta, weights["model.embed_tokens.weight"].shape[0])
-    return config, weights
+    return config, weights, _vocabulary(reader, path)
+
+
+class GGUFVocabulary(NamedTuple):
+    """A GGUF file's tokenizer: its pieces, their types (1 normal, 3 control, 4 user-defined...) and general.name."""
+
+    tokens: list[str]
+    token_types: list[int]
+    name: str | None
+
+
+def _vocabulary(reader, path: Path) -> GGUFVocabulary:
+    fields = reader.fields
+    if fields.get("tokenizer.ggml.model") is None or fields["tokenizer.ggml.model"].contents() != "llama":
+        raise CheckpointError(f"{path}: no SentencePiece vocabulary (tokenizer.ggml.model 'llama'); not a Gemma GGUF")
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
+    name = fields["general.name"].contents() if "general.name" in fields else None
+    return GGUFVocabulary(list(tokens), [int(t) for t in types], name)
 
 
 def _gguf_to_hf(name: str) -> str | None:

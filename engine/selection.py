@@ -189,3 +189,47 @@ def _matches_some_step(pattern: str, templates: list[str]) -> bool:
         step = int(parts[1][5:])
         return any(fnmatch.fnmatchcase(t.replace("{k}", str(step)), pattern) for t in templates)
     return False
+
+
+def estimate_bytes(config: Gemma3Config, selection: Selection, prompt_lengths: list[int], max_tokens: int,
+                   batch_size: int) -> int:
+    """An upper bound of the bytes a run's capture writes, uncompressed, as the npz archiver stores them (floats
+    as float32): every batch runs ``max_tokens`` steps, its prompt pass over its longest prompt."""
+    sizes = dimension_sizes(config)
+    shapes = {name: shape.split(",")[1:] for name, shape, _ in catalogue(config)}
+    shapes.update({f"generate.step_{{k}}.sample.{s}": shape.split(",")[1:] for s, shape, _ in SAMPLE_POINTS})
+
+    def per_entry(dims: list[str], keys: int) -> int:
+        if dims[0] == "H":  # attention: [heads, seq, keys]
+            return sizes["H"] * keys
+        count = 1
+        for dim in dims[1:]:  # after the sequence axis
+            count *= eval_dim(dim, sizes)
+        return count
+
+    total = 0
+    for start in range(0, len(prompt_lengths), batch_size):
+        rows, width = len(prompt_lengths[start:start + batch_size]), max(prompt_lengths[start:start + batch_size])
+        for step in range(max_tokens):
+            for name in selection.names_for_step(step):
+                template = name if not name.startswith("generate.") else "generate.step_{k}." + name.split(".", 2)[2]
+                dims = shapes[template]
+                seq = 1 if (step > 0 or name.startswith("generate.") or name in ("model.norm_out", "model.logits")
+                            or selection.positions == "last") else width
+                element = 1 if name.endswith(".kept") else 4
+                total += rows * seq * per_entry(dims, width + step) * element
+    return total
+
+
+def dimension_sizes(config: Gemma3Config) -> dict[str, int]:
+    """The catalogue's dimension letters as sizes of this model."""
+    return {"E": config.hidden_size, "F": config.intermediate_size, "H": config.num_attention_heads,
+            "G": config.num_key_value_heads, "D": config.head_dim, "V": config.vocab_size}
+
+
+def eval_dim(dim: str, sizes: dict[str, int]) -> int:
+    """A catalogue dimension (``E``, ``H*D``, ``1``) as a number for a model's sizes."""
+    value = 1
+    for factor in dim.split("*"):
+        value *= sizes[factor] if factor in sizes else int(factor)
+    return value

@@ -85,8 +85,13 @@ class CudaCopy:
             raise RuntimeError(f"CUDA {what} failed with error {status}")
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """An MLX dtype's plain name: ``float32``, ``bfloat16``..."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 def _numpy_dtype(dtype: mx.Dtype) -> np.dtype:
-    return np.dtype(str(dtype).rsplit(".", 1)[-1])
+    return np.dtype(dtype_name(dtype))
 
 
 def _host_read(array: mx.array) -> np.ndarray:
@@ -129,7 +134,7 @@ class StepValues:
         for name, value in values.items():
             if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(dtype)
-            label = str(value.dtype).rsplit(".", 1)[-1]
+            label = dtype_name(value.dtype)
             flat = (value.view(mx.uint16) if value.dtype == mx.bfloat16 else value).reshape(-1)
             self.layout[name] = (label, sizes.get(label, 0), tuple(value.shape))
             self._nbytes[name] = value.nbytes

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 __all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "__version__"]
 
 _ENTRY_POINTS = {"load": "gemmalens.engine", "run_with_capture": "gemmalens.engine", "batch_generate": "gemmalens.api",
-                 "open_activations": "gemmalens.sinks.npz"}
+                 "open_activations": "gemmalens.sinks.reader"}
 
 
 def __getattr__(name: str):

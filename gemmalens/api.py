@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -9,15 +10,16 @@ from typing import Sequence
 
 import zmq
 
-from gemmalens.engine.generation import GenerationConfig, GenerationResult, ResultEvent, generate
+from gemmalens.engine.generation import GenerationConfig, GenerationResult, ResultEvent, StepEvent, generate
 from gemmalens.engine.model import Gemma3
 from gemmalens.engine.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
-from gemmalens.engine.run import publish_run, run_info
+from gemmalens.engine.run import Progress, publish_run, run_info
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
 from gemmalens.engine.tokenizer import Tokenizer
 from gemmalens.sinks.npz import NpzArchiver
+from gemmalens.sinks.stats import ProgressView
 
 
 def batch_generate(
@@ -40,6 +42,7 @@ def batch_generate(
     layers: str | None = None,
     positions: str = "all",
     compress: bool = True,
+    progress: bool | None = None,
 ) -> list[GenerationResult]:
     """Generates a continuation for each prompt; returns one result per prompt, in order.
 
@@ -48,7 +51,7 @@ def batch_generate(
     ``save_activations_dir``, the points matching ``capture`` (glob patterns;
     default every point) at the chosen ``positions`` ("all", "prompt",
     "generated", "last") are published as frames to an in-process npz
-    archiver writing that folder.
+    archiver writing that folder. ``progress`` shows a bar on stderr (default: when stderr is a terminal).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     config = GenerationConfig(
@@ -59,11 +62,21 @@ def batch_generate(
         chat=chat,
         stop=tuple(stop or ()),
     )
+    view = ProgressView(live=True) if (sys.stderr.isatty() if progress is None else progress) else None
     if save_activations_dir is None:
         if capture:
             raise ValueError("capture needs save_activations_dir (or use run_with_capture for one forward pass)")
-        events = generate(model, tokenizer, prompts, config)
-        return sorted((e.result for e in events if isinstance(e, ResultEvent)), key=lambda r: r.index)
+        counter = Progress(len(prompts), batch_size, max_tokens)
+        results = []
+        for event in generate(model, tokenizer, prompts, config):
+            counter.add(event)
+            if isinstance(event, ResultEvent):
+                results.append(event.result)
+            if view is not None and isinstance(event, (StepEvent, ResultEvent)):
+                view.update(counter.snapshot())
+        if view is not None:
+            view.close(counter.snapshot())
+        return sorted(results, key=lambda r: r.index)
     selection = select(model.config, list(capture or ["*"]), list(exclude), layers, positions)
     records = [Prompt(i, text) for i, text in enumerate(prompts)]
     address = f"inproc://gemmalens-{uuid.uuid4().hex}"
@@ -74,10 +87,13 @@ def batch_generate(
     thread = threading.Thread(target=lambda: outcome.setdefault("complete", archiver.run()), daemon=True)
     thread.start()
     try:
-        results, _ = publish_run(model, tokenizer, records, config, selection, publisher,
-                                 run_info(model, config, selection, records))
+        results, totals = publish_run(model, tokenizer, records, config, selection, publisher,
+                                      run_info(model, config, selection, records),
+                                      observe=view.update if view is not None else None)
     finally:
         thread.join()
+        if view is not None:
+            view.close()
     if not outcome.get("complete"):
         raise RuntimeError(f"the npz archiver did not receive every frame: {archiver.gaps or archiver.missing()}")
     return sorted(results, key=lambda r: r.index)

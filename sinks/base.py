@@ -59,7 +59,8 @@ class Subscriber:
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.connect(self.socket)
-        for address in [connect] if isinstance(connect, str) else connect:
+        self.addresses = [connect] if isinstance(connect, str) else list(connect)
+        for address in self.addresses:
             self.socket.connect(address)
         prefixes = CONTROL + self.topics if "" not in self.topics else ("",)
         for prefix in prefixes:
@@ -111,28 +112,56 @@ class Subscriber:
     def _wants(self, topic: str) -> bool:
         return topic in CONTROL or any(topic.startswith(p) for p in self.topics)
 
-    def run(self, timeout: float | None = None, idle_timeout: float | None = None) -> bool:
+    def run(self, timeout: float | None = None, idle_timeout: float | None = None, on_wait=None,
+            wait_every: float = 5.0) -> bool:
         """Receives until ``run.end``; returns ``self.complete``.
 
         ``timeout`` bounds the whole wait for the run to start and end,
-        ``idle_timeout`` the silence between messages once it has started.
+        ``idle_timeout`` the silence between messages (waiting for the run to
+        start included). Until the run starts, ``on_wait(seconds_waited)`` is
+        called every ``wait_every`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = last = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         try:
             while self.summary is None:
-                wait = idle_timeout if self.run_info is not None and idle_timeout is not None else None
+                now = time.monotonic()
+                waits = [wait_every]
+                if idle_timeout is not None:
+                    waits.append(last + idle_timeout - now)
                 if deadline is not None:
-                    left = deadline - time.monotonic()
-                    wait = left if wait is None else min(wait, left)
-                if wait is not None and wait <= 0 or not self.socket.poll(None if wait is None else int(wait * 1000)):
-                    raise SinkError(
-                        f"{self.name}: no message for {wait:.0f} s"
-                        + (" before the run started" if self.run_info is None else " in the middle of the run")
-                    )
+                    waits.append(deadline - now)
+                if min(waits) <= 0 or not self.socket.poll(int(max(0.0, min(waits)) * 1000)):
+                    now = time.monotonic()
+                    if (deadline is not None and now >= deadline) or (idle_timeout is not None
+                                                                       and now - last >= idle_timeout):
+                        raise SinkError(
+                            f"{self.name}: no message for {now - last:.0f} s"
+                            + (f" from {', '.join(self.addresses)}; is an engine running there?"
+                               if self.run_info is None else " in the middle of the run; the engine stopped or died")
+                        )
+                    if self.run_info is None and on_wait is not None:
+                        on_wait(now - started)
+                    continue
                 self.receive(self.socket.recv_multipart(copy=False))
+                last = time.monotonic()
         finally:
             self.close()
         return self.complete
+
+    def shortfall(self) -> str:
+        """What makes the run incomplete, in words."""
+        parts = []
+        if self.aborted:
+            parts.append(self.aborted)
+        if self.gaps:
+            parts.append(f"{len(self.gaps)} gap(s), first {self.gaps[0]}")
+        missing = self.missing()
+        if missing:
+            parts.append("missing " + ", ".join(f"{n} {topic}" for topic, n in sorted(missing.items())))
+        if self.summary is not None and not self.summary.get("complete"):
+            parts.append(f"the engine says {self.summary.get('reason') or 'incomplete'}")
+        return "; ".join(parts) or "complete"
 
     def receive(self, frames: list[zmq.Frame]) -> None:
         """One received message as ZeroMQ frames: decoded and handled."""
@@ -190,9 +219,17 @@ class Subscriber:
 
 
 class LossySubscriber(Subscriber):
-    """For live views: connects to the lossy endpoint; may miss frames, never slows the engine."""
+    """For live views: connects to the lossy endpoint; may miss frames, never slows the engine. Its run is
+    complete when the engine says so: what a live view missed is not a loss."""
 
     reliable = False
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None and not self.aborted and bool(self.summary.get("complete"))
+
+    def missing(self) -> dict[str, int]:
+        return {}
 
 
 def _merge_ends(ends: dict[str, dict[str, Any]]) -> dict[str, Any]:

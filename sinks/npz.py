@@ -24,18 +24,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import zmq
 
-from gemmalens.engine.selection import NO_SELECTION, Selection, is_attention
+from gemmalens.engine.selection import NO_SELECTION, Selection
 
 from .base import Subscriber
 from .npzfile import partial_path
-from .npzsteps import HelperError, Helpers, StepFiles, step_file, step_of
-
-INDEX = "activations_index.json"
+from .npzsteps import HelperError, Helpers, StepFiles
+from .reader import INDEX, step_file
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -192,81 +191,3 @@ class NpzArchiver(Subscriber):
 
     def _write_index(self) -> None:
         write_atomic(self.directory / INDEX, json.dumps(self.index).encode())
-
-
-class Activations:
-    """Reads an activations folder lazily: only the files and arrays asked for are loaded."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        index_path = self.directory / INDEX
-        if not index_path.exists():
-            raise FileNotFoundError(f"{self.directory}: no {INDEX}; not an activations folder written by gemmalens")
-        self.index = json.loads(index_path.read_text())
-        self._batch_of = {p: int(b) for b, v in self.index["batches"].items() for p in v["prompts"]}
-
-    @property
-    def prompts(self) -> list[int]:
-        return sorted(self._batch_of)
-
-    @property
-    def tokens(self) -> dict[int, list[int]]:
-        """The token table: for each prompt, the token chosen at each step."""
-        return {int(p): t for p, t in self.index["tokens"].items()}
-
-    @property
-    def names(self) -> list[str]:
-        for batch in self.index["batches"].values():
-            names: set[str] = set()
-            for file in batch["files"]:
-                with np.load(self.directory / file) as data:
-                    names.update(k for k in data.files if k not in ("prompts", "step", "tokens", "pad")
-                                 and not k.endswith(".positions"))
-            return sorted(names)
-        return []
-
-    def get(self, name: str, prompts: Iterable[int] | None = None, steps: Iterable[int] | None = None):
-        """``{prompt: {step: (positions, array)}}`` for one name, padding removed.
-
-        Attention arrays come as ``[heads, seq, keys]`` with key j at position j.
-        """
-        wanted = self.prompts if prompts is None else list(prompts)
-        out: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {p: {} for p in wanted}
-        by_batch: dict[int, list[int]] = {}
-        for p in wanted:
-            if p not in self._batch_of:
-                raise KeyError(f"prompt {p} has no complete activations in {self.directory}")
-            by_batch.setdefault(self._batch_of[p], []).append(p)
-        for batch, members in by_batch.items():
-            files = self.index["batches"][str(batch)]["files"]
-            for file in files:
-                step = step_of(file)
-                if steps is not None and step not in steps:
-                    continue
-                with np.load(self.directory / file) as data:
-                    if name not in data.files:
-                        continue
-                    rows, chosen = list(data["prompts"]), data["tokens"]
-                    array, positions = data[name], data[name + ".positions"]
-                    for p in members:
-                        r = rows.index(p)
-                        if chosen[r] < 0:  # the row had finished: its values here are meaningless
-                            continue
-                        keep = positions[r] >= 0
-                        if is_attention(name):
-                            values = np.compress(keep, array[r], axis=1)[..., int(data["pad"][r]):]
-                        else:
-                            values = np.compress(keep, array[r], axis=0)
-                        out[p][step] = (positions[r][keep], values)
-        return out
-
-    def trajectory(self, name: str, prompt: int) -> tuple[np.ndarray, np.ndarray]:
-        """Positions and values of a non-attention point over every step, concatenated along the sequence."""
-        steps = self.get(name, [prompt])[prompt]
-        parts = [steps[k] for k in sorted(steps)]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([a for _, a in parts])
-
-
-def open_activations(directory: str | Path) -> Activations:
-    """Opens an activations folder written by the npz archiver."""
-    return Activations(directory)

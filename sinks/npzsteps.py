@@ -38,18 +38,10 @@ from gemmalens.engine.selection import NO_SELECTION, Selection
 
 from .base import message_parts
 from .npzfile import write_npz
+from .reader import step_file
 
 BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
 START_TIMEOUT = 120.0  # seconds for a helper process to start (numpy, zmq, lz4, isal: 0.3 s on the H200 host)
-
-
-def step_file(step: int, batch: int) -> str:
-    return f"activations_step_{step}_batch_{batch}.npz"
-
-
-def step_of(file: str) -> int:
-    """The step of a file named by ``step_file``."""
-    return int(file.split("_", 3)[2])
 
 
 def _positions(slot: dict[str, Any], rows: list[list[int]]) -> np.ndarray:

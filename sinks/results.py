@@ -52,11 +52,16 @@ class ResultsWriter(Subscriber):
         self.results: dict[int, dict[str, Any]] = {}
         self.prompts: dict[int, dict[str, Any]] = {}
         self._lines = None
+        self.segments: list[dict[str, Any]] = []  # earlier segments of a resumed run: their tokens and seconds
 
     def on_run_start(self, info: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.prompts = {p["index"]: p for p in info["prompts"]}
         self.results = read_result_lines(self.output_dir / RESULTS_LINES)
+        earlier = self.output_dir / SUMMARY
+        if self.results and earlier.exists():  # a resumed run: its earlier segments count in its speed
+            previous = json.loads(earlier.read_text())
+            self.segments = previous.get("segments") or [{"run": previous.get("run"), "tokens": 0, "seconds": 0.0}]
         metadata_path = self.output_dir / METADATA
         known = json.loads(metadata_path.read_text())["prompts"] if metadata_path.exists() else []
         merged = {p["index"]: p for p in known} | self.prompts
@@ -90,6 +95,9 @@ class ResultsWriter(Subscriber):
         missing = sorted(expected - set(self.results))
         per_category = Counter(r.get("category") or "uncategorized" for r in ordered)
         tokens = sum(len(r["tokens"]) for r in ordered)
+        segments = self.segments + [{"run": info.get("run"), "tokens": end.get("tokens", 0),
+                                     "seconds": end.get("seconds", 0.0)}]
+        seconds = sum(s["seconds"] for s in segments)
         return {
             "complete": bool(end.get("complete")) and not missing and self.complete,
             "engine_complete": bool(end.get("complete")),
@@ -101,8 +109,9 @@ class ResultsWriter(Subscriber):
             "finish_reasons": dict(Counter(r["finish_reason"] for r in ordered)),
             "tokens_generated": tokens,
             "prompt_tokens": sum(len(r["prompt_tokens"]) for r in ordered),
-            "tokens_per_second": end.get("tokens_per_second"),
-            "wall_seconds": end.get("seconds"),
+            "tokens_per_second": sum(s["tokens"] for s in segments) / seconds if seconds else 0.0,
+            "wall_seconds": seconds,
+            "segments": segments,
             "run": info.get("run"),
             "model": info.get("model"),
             "generation": info.get("generation"),

@@ -89,10 +89,11 @@ def test_create_sample_prompts_never_overwrites(tmp_path):
     assert out.returncode == 2 and "exists" in out.stderr and json.loads(path.read_text()) == ["keep me"]
 
 
-@pytest.mark.parametrize("category,folder", [("../../etc", "etc"), ("a/b", "a_b"), ("..", "category"),
-                                             ("Science & Maths", "Science_Maths")])
-def test_group_folders_stay_inside_the_output_folder(category, folder):
-    assert safe_folder_name(category) == folder
+@pytest.mark.parametrize("category,folder", [("../../etc", "%2E.%2F..%2Fetc"), ("a/b", "a%2Fb"), ("a_b", "a_b"),
+                                             ("..", "%2E."), ("...", "%2E.."), ("Science & Maths", "Science%20%26%20Maths"),
+                                             ("v1.2", "v1.2"), ("日本", "%E6%97%A5%E6%9C%AC")])
+def test_group_folders_stay_inside_the_output_folder_one_per_category(category, folder):
+    assert safe_folder_name(category) == folder and "/" not in folder and not folder.startswith(".")
 
 
 def test_verbose_shows_the_traceback(tmp_path):
