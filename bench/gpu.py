@@ -1,19 +1,19 @@
-"""GPU benchmark: gemmalens against mlx-lm on Gemma 3 1B shapes (random bf16 weights), one process, one card.
+"""GPU benchmark: gemmalens beside mlx-lm and transformers on Gemma 3 shapes (random bf16 weights), one card.
 
-Measures copy bandwidths; gemmalens without capture; gemmalens publishing resid_out of every layer to an
-npz archiver (files stored, then compressed as `gemmalens run` writes them by default); gemmalens publishing
-every point except attention (scores and weights) to a subscriber that decodes every frame; the bus's own
-limit for those frames (the same frames, already on the host, sent again); mlx-lm's Gemma 3 on the same
-weights and inputs. Prompt 64 tokens, 128 new tokens, greedy, batch 1, 16, 64; then 4B shapes at batch 16
-without capture, against mlx-lm. gemmalens, resid_out -> npz and mlx-lm run in interleaved rounds (the card's
-speed drifts between runs) and their medians are reported, ratios as the median of each round's; at batch 64,
-rounds of runs of four batches each (256 prompts: a harvest's sustained speed, the fixed cost of a run's end,
-about 0.05-0.1 s for the sink's last files and exit, spread over four times the tokens) follow. Checks first
-that the compiled decode step and the eager one agree, and the decode attention kernel (engine/kernels.py)
-against float32 attention on the CPU beside MLX's own. Prints a table last.
+Measures copy bandwidths (MLX here, torch in bench/gpu_torch.py) and from the best the floor no decode can beat;
+transformers with a static cache under torch.compile (its own process, compiled and warmed up at the timed
+shapes, compile time apart); then, interleaved in rounds (the card's speed drifts), gemmalens without capture,
+mlx-lm's `batch_generate` with prefill and completion batches as large as the batch (its defaults would split
+it) or `generate_step` at batch 1, and mlx-lm's model in a plain loop (a ceiling for its drivers). Prompt 64
+tokens, 128 new tokens, greedy, batch 1, 16, 64, 256; 4B shapes at batch 16. At the capture batches:
+`resid_out` of every layer to an npz archiver in another process (runs of one batch, and at batch 64 runs of
+four batches: the sustained speed), and every point except attention to a decoding subscriber against the
+bus's own limit for those frames. Checks first that the compiled decode step and the eager one agree, and the
+decode attention kernel (engine/kernels.py) against float32 attention on the CPU; prints where a decode step's
+time goes (the model alone, eager and compiled, and the whole loop). Prints a table last.
 
-    python bench/gpu.py [--new-tokens 128] [--capture-tokens 16] [--batches 1,16,64] [--rounds 3] [--steady 4]
-                        [--no-four-b] [--archiver 1x8,4x4] [--engine-breakdown]
+    python bench/gpu.py [--new-tokens 128] [--batches 1,16,64,256] [--rounds 3] [--steady 4] [--no-torch]
+                        [--no-four-b] [--capture-batches 16,64] [--archiver 1x8,4x4] [--engine-breakdown]
 """
 
 from __future__ import annotations
@@ -189,8 +189,8 @@ def spread(values, spec=".0f"):
     return f"{statistics.median(values):{spec}} ({' '.join(f'{v:{spec}}' for v in values)})"
 
 
-def run_mlx_lm(config, weights, batch, new_tokens, warm_up=True):
-    from mlx_lm.generate import batch_generate, generate_step
+def mlx_lm_model(config, weights):
+    """mlx-lm's Gemma 3 with the same weights."""
     from mlx_lm.models.gemma3_text import Model, ModelArgs
 
     scaling = {"factor": config.rope_scaling_factor, "rope_type": "linear"} if config.rope_scaling_factor != 1 else None
@@ -203,21 +203,64 @@ def run_mlx_lm(config, weights, batch, new_tokens, warm_up=True):
     model = Model(args)
     model.load_weights([(k, v) for k, v in weights.items()], strict=False)
     model.sanitize({})
-    rows = prompts_for(batch)
+    return model
+
+
+def run_mlx_lm(model, batch, new_tokens):
+    """mlx-lm driven at its best for this batch: ``generate_step`` at batch 1; ``batch_generate`` with its
+    prefill and completion batches as large as the batch (its defaults, 8 and 32, would split a batch of 64)."""
     from types import SimpleNamespace
 
-    tokenizer = SimpleNamespace(eos_token_ids=set(), decode=lambda ids: "")
-    rate = 0.0
-    for _ in range(2 if warm_up else 1):  # a first run warms up (kernels for these shapes); the last is timed
-        started = time.perf_counter()
-        if batch == 1:
-            steps = generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)
-            count = sum(1 for _ in zip(range(new_tokens), steps))
-        else:
-            response = batch_generate(model, tokenizer, rows, max_tokens=new_tokens, return_token_ids=True)
-            count = sum(len(ids) for ids in response.token_ids)
-        rate = count / (time.perf_counter() - started)
-    return rate
+    from mlx_lm.generate import batch_generate, generate_step
+
+    rows = prompts_for(batch)
+    started = time.perf_counter()
+    if batch == 1:
+        steps = generate_step(mx.array(rows[0]), model, max_tokens=new_tokens)
+        count = sum(1 for _ in zip(range(new_tokens), steps))
+    else:
+        tokenizer = SimpleNamespace(eos_token_ids=set(), decode=lambda ids: "")
+        response = batch_generate(model, tokenizer, rows, max_tokens=new_tokens, return_token_ids=True,
+                                  completion_batch_size=batch, prefill_batch_size=batch)
+        count = sum(len(ids) for ids in response.token_ids)
+    assert count == batch * new_tokens, (count, batch * new_tokens)
+    return count / (time.perf_counter() - started)
+
+
+def run_mlx_lm_loop(model, batch, new_tokens):
+    """mlx-lm's model in the plainest loop: its own caches, the whole batch at once (equal prompt lengths, no
+    padding), greedy, the next step queued before the current token is read. A ceiling for mlx-lm's drivers."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    started = time.perf_counter()
+    tokens = mx.argmax(model(mx.array(prompts_for(batch)), cache=cache)[:, -1], axis=-1)
+    mx.async_eval(tokens)
+    count = 0
+    for _ in range(new_tokens - 1):
+        following = mx.argmax(model(tokens[:, None], cache=cache)[:, -1], axis=-1)
+        mx.async_eval(following)
+        tokens.tolist()
+        count += batch
+        tokens = following
+    tokens.tolist()
+    count += batch
+    return count / (time.perf_counter() - started)
+
+
+def run_transformers(shapes, batches, new_tokens, repeats=2):
+    """transformers' static cache under torch.compile (bench/gpu_torch.py) in a process of its own: its JSON."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gpu_torch.py")
+    done = subprocess.run([sys.executable, str(script), "--shapes", shapes, "--batches", ",".join(map(str, batches)),
+                           "--new-tokens", str(new_tokens), "--repeats", str(repeats)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"transformers run failed:\n{done.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def decode_breakdown(model, batch=1, steps=30):
@@ -355,18 +398,33 @@ def check_attention_kernel():
     return errors
 
 
+def floor_rate(config, weight_bytes, batch, bandwidth, prompt=64, new_tokens=128):
+    """Tokens/s no decode can beat at ``bandwidth`` (bytes/s): each step reads every weight once and each row's
+    keys and values once (their mean length over the run: the prompt and half the new tokens; sliding layers at
+    most their window)."""
+    length = prompt + new_tokens / 2
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 2  # keys and values, bf16
+    kv = sum(min(length, config.sliding_window) if config.is_sliding(i) else length
+             for i in range(config.num_hidden_layers)) * per_token
+    return batch * bandwidth / (weight_bytes + batch * kv)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--capture-tokens", type=int, default=16)
-    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of gemmalens, resid_out -> npz and mlx-lm, interleaved, per batch "
-                             "(medians reported)")
+                        help="rounds of gemmalens, mlx-lm (batch_generate) and mlx-lm's plain loop, interleaved, per "
+                             "batch (medians reported)")
     parser.add_argument("--steady", type=int, default=4, metavar="K",
-                        help="at batch 64, also rounds of K batches per run (plain, resid_out -> npz stored and "
-                             "deflated): the capture's sustained speed, its end's fixed cost spread; 0 skips")
+                        help="at batch 64, runs of K batches: resid_out -> npz against plain, the sustained speed; "
+                             "0 skips")
+    parser.add_argument("--capture-batches", default="16,64",
+                        help="batches at which the capture figures (resid_out -> npz, all but attention) are taken")
     parser.add_argument("--no-four-b", dest="four_b", action="store_false", help="skip the 4B-shape run at batch 16")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="skip transformers (static cache, torch.compile)")
     parser.add_argument("--engine-breakdown", action="store_true",
                         help="also split a captured run's cost in the engine's process (batch 64, resid_out)")
     parser.add_argument("--archiver", type=lambda text: [tuple(map(int, s.split("x"))) for s in text.split(",")],
@@ -374,101 +432,115 @@ def main():
                         help="also measure the npz archiver's own limit, stored and deflated files, with P processes "
                              "of W writer threads each (e.g. 1x8,4x4)")
     args = parser.parse_args()
+    began = time.perf_counter()
+    batches = list(map(int, args.batches.split(",")))
+    capture_batches = set(map(int, args.capture_batches.split(","))) if args.capture_batches else set()
     print("device:", mx.default_device(), flush=True)
     copies = bandwidths()
-    device_bw = copies["device"]
-    print(f"copy device->device {device_bw:.0f} GB/s; device->host np.array {copies['np.array']:.1f} GB/s, "
-          f"engine's copier ({type(host_copier()).__name__}) {copies['copier']:.1f} GB/s", flush=True)
+    print(f"copy device->device (MLX) {copies['device']:.0f} GB/s; device->host np.array {copies['np.array']:.1f} "
+          f"GB/s, engine's copier ({type(host_copier()).__name__}) {copies['copier']:.1f} GB/s", flush=True)
+    torch_runs = {}
+    if args.torch:  # first: its compiles take minutes, and its copy speed sets the floor with MLX's
+        torch_runs["1b"] = run_transformers("1b", batches, args.new_tokens)
+        print(f"[{time.perf_counter() - began:.0f} s] transformers 1B: {torch_runs['1b']}", flush=True)
+    best_copy = max([copies["device"]] + [r["copy_GBps"] for r in torch_runs.values() if r]) * 1e9
     weights = random_weights(ONE_B)
     model = gemmalens_model(ONE_B, weights)
+    theirs_model = mlx_lm_model(ONE_B, weights)
     same, rel = check_compiled_equals_eager(model)
     print(f"compiled vs eager: greedy tokens identical {same}; logits relative difference {rel:.2e}", flush=True)
     errors = check_attention_kernel()
     print("decode attention, max |error| against float32 on the CPU: " + ", ".join(
         f"{label} {dtype} {error:.1e}" for (label, dtype), error in errors.items()), flush=True)
-    bytes_per_token = sum(v.nbytes for v in weights.values())
-    for batch in (1, 64):
+    for batch in (1, 64):  # where a decode step's time goes: the model alone, eager and compiled, and the loop
         decode_breakdown(model, batch)  # warm-up
         parts = decode_breakdown(model, batch)
         print(f"batch {batch} ms per decode step: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    weight_bytes = sum(v.nbytes for v in weights.values())
     rows = []
-    for batch in map(int, args.batches.split(",")):
+    for batch in batches:
         row = {"batch": batch}
         run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
-        run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing steps: each
-        run_captured(model, batch, 2, *ALL_BUT_ATTENTION, sink=COUNTER, workers=8)  # selection compiles its own
+        run_mlx_lm(theirs_model, batch, args.new_tokens)
+        run_mlx_lm_loop(theirs_model, batch, args.new_tokens)
         mx.reset_peak_memory()
         run_plain(model, batch, args.new_tokens)
         row["peak"] = mx.get_peak_memory() / 1e9
-        plain, theirs, resid = [], [], []
-        for r in range(args.rounds):  # interleaved: the card's and the host's speed drift between runs
+        plain, theirs, loop = [], [], []
+        for _ in range(args.rounds):  # interleaved: the card's and the host's speed drift between runs
             plain.append(run_plain(model, batch, args.new_tokens)[0])
-            resid.append(run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"]))
-            theirs.append(run_mlx_lm(ONE_B, weights, batch, args.new_tokens, warm_up=r == 0))
-        row["plain"], row["mlx-lm"] = statistics.median(plain), statistics.median(theirs)
+            theirs.append(run_mlx_lm(theirs_model, batch, args.new_tokens))
+            loop.append(run_mlx_lm_loop(theirs_model, batch, args.new_tokens))
+        row["plain"], row["mlx-lm"], row["loop"] = map(statistics.median, (plain, theirs, loop))
         row["ratio"] = statistics.median(p / t for p, t in zip(plain, theirs))
-        row["resid"], row["resid bus"] = (statistics.median(run[i] for run in resid) for i in (0, 1))
-        row["resid vs own"] = statistics.median(run[0] / p for run, p in zip(resid, plain))
-        row["deflate"], _, _ = run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
-                                            storage="deflate")
-        row["all"], row["all bus"], _ = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
-                                                     sink=COUNTER, workers=8)
-        row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
-        print(f"batch {batch}: gemmalens {spread(plain)} tok/s, mlx-lm {spread(theirs)}, resid -> npz "
-              f"{spread([run[0] for run in resid])} ({spread([run[1] / 1e6 for run in resid])} MB/s; the archiver took "
-              f"{spread([run[2] for run in resid], '.1f')} s to start, not counted); compressed files "
-              f"{row['deflate']:.0f}; all-but-attention {row['all']:.0f} ({row['all bus'] / 1e6:.0f} MB/s; bus limit "
-              f"{row['limit'] / 1e6:.0f} MB/s)", flush=True)
+        torch_row = (torch_runs.get("1b") or {}).get("batches", {}).get(str(batch))
+        row["torch"] = torch_row["tok_s"] if torch_row else float("nan")
+        row["floor"] = floor_rate(ONE_B, weight_bytes, batch, best_copy, new_tokens=args.new_tokens)
+        print(f"[{time.perf_counter() - began:.0f} s] batch {batch}: gemmalens {spread(plain)} tok/s, mlx-lm "
+              f"batch_generate {spread(theirs)}, mlx-lm loop {spread(loop)}, transformers {row['torch']:.0f}, "
+              f"floor {row['floor']:.0f}", flush=True)
+        if batch in capture_batches:
+            run_captured(model, batch, 4, ["model.layers.*.resid_out"])  # warm-up of the capturing steps: each
+            run_captured(model, batch, 2, *ALL_BUT_ATTENTION, sink=COUNTER, workers=8)  # selection compiles its own
+            resid = [run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"])
+                     for _ in range(args.rounds)]
+            row["resid"] = statistics.median(r[0] for r in resid)
+            row["resid vs own"] = row["resid"] / row["plain"]
+            row["all"], row["all bus"], _ = run_captured(model, batch, args.capture_tokens, *ALL_BUT_ATTENTION,
+                                                         sink=COUNTER, workers=8)
+            row["limit"] = bus_limit(model, batch, *ALL_BUT_ATTENTION)
+            print(f"[{time.perf_counter() - began:.0f} s] batch {batch}: resid -> npz {spread([r[0] for r in resid])} "
+                  f"({spread([r[1] / 1e6 for r in resid])} MB/s); all-but-attention {row['all']:.0f} "
+                  f"({row['all bus'] / 1e6:.0f} MB/s; bus limit {row['limit'] / 1e6:.0f} MB/s)", flush=True)
         if batch == 64 and args.steady:
-            steady = {"plain": [], "stored": [], "deflate": []}
+            steady = {"plain": [], "stored": []}
             for _ in range(args.rounds):
                 steady["plain"].append(run_plain(model, batch, args.new_tokens, batches=args.steady)[0])
-                for storage in ("stored", "deflate"):
-                    steady[storage].append(run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
-                                                        storage=storage, batches=args.steady)[0])
-            row["steady"] = {k: statistics.median(v) for k, v in steady.items()}
-            row["steady vs own"] = {k: statistics.median(c / p for c, p in zip(steady[k], steady["plain"]))
-                                    for k in ("stored", "deflate")}
-            print(f"batch {batch}, {args.steady} batches per run: gemmalens {spread(steady['plain'])} tok/s, resid -> "
-                  f"npz {spread(steady['stored'])} ({row['steady vs own']['stored']:.0%} of own), compressed files "
-                  f"{spread(steady['deflate'])} ({row['steady vs own']['deflate']:.0%})", flush=True)
+                steady["stored"].append(run_captured(model, batch, args.new_tokens, ["model.layers.*.resid_out"],
+                                                     batches=args.steady)[0])
+            row["steady"] = statistics.median(c / p for c, p in zip(steady["stored"], steady["plain"]))
+            print(f"[{time.perf_counter() - began:.0f} s] batch {batch}, {args.steady} batches per run: gemmalens "
+                  f"{spread(steady['plain'])} tok/s, resid -> npz {spread(steady['stored'])} "
+                  f"({row['steady']:.0%} of own)", flush=True)
         rows.append(row)
-    floor = device_bw * 1e9 / bytes_per_token
-    print(f"\nweights {bytes_per_token / 1e9:.2f} GB: batch-1 bandwidth floor {floor:.0f} tok/s")
-    print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'ratio':>6} {'floor%':>7} {'resid->npz':>11} {'vs own':>7} "
-          f"{'bus MB/s':>9} {'deflated':>9} {'vs own':>7} {'all-but-attn':>13} {'bus MB/s':>9} {'limit MB/s':>11} "
-          f"{'of limit':>9} {'peak GB':>8}")
+    four_b = None
+    if args.four_b:
+        del model, weights, theirs_model
+        mx.clear_cache()
+        weights = random_weights(FOUR_B)
+        model, theirs_model = gemmalens_model(FOUR_B, weights), mlx_lm_model(FOUR_B, weights)
+        for warm in range(2):
+            plain = run_plain(model, 16, args.new_tokens)[0]
+            theirs = run_mlx_lm(theirs_model, 16, args.new_tokens)
+        torch_four = run_transformers("4b", [16], args.new_tokens) if args.torch else None
+        four_b = (plain, theirs, torch_four["batches"]["16"]["tok_s"] if torch_four else float("nan"))
+    torch_copy = ", ".join(f"{r['copy_GBps']:.0f}" for r in torch_runs.values() if r) or "not run"
+    print(f"\nweights {weight_bytes / 1e9:.2f} GB; best device-to-device copy {best_copy / 1e9:.0f} GB/s (MLX "
+          f"{copies['device']:.0f}, torch {torch_copy})")
+    print(f"{'batch':>5} {'gemmalens':>10} {'mlx-lm':>8} {'mlx loop':>9} {'transf.':>8} {'vs mlx-lm':>9} "
+          f"{'vs transf.':>10} {'floor':>7} {'of floor':>9} {'resid->npz':>11} {'steady':>7} {'all-b-attn':>11} "
+          f"{'of bus':>7} {'peak GB':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['plain']:>10.0f} {r['mlx-lm']:>8.0f} {r['ratio']:>6.2f} "
-              f"{(r['plain'] / floor if r['batch'] == 1 else float('nan')):>7.1%} {r['resid']:>11.0f} "
-              f"{r['resid vs own']:>7.0%} {r['resid bus'] / 1e6:>9.0f} {r['deflate']:>9.0f} "
-              f"{r['deflate'] / r['plain']:>7.0%} {r['all']:>13.0f} {r['all bus'] / 1e6:>9.0f} "
-              f"{r['limit'] / 1e6:>11.0f} {r['all bus'] / r['limit']:>9.0%} {r['peak']:>8.1f}")
-    for r in rows:
-        if "steady" in r:
-            print(f"batch {r['batch']}, {args.steady} batches per run ({args.steady * r['batch']} prompts): gemmalens "
-                  f"{r['steady']['plain']:.0f} tok/s, resid->npz {r['steady']['stored']:.0f} "
-                  f"({r['steady vs own']['stored']:.0%} of own), deflated {r['steady']['deflate']:.0f} "
-                  f"({r['steady vs own']['deflate']:.0%})")
+        steady = f"{r['steady']:.0%}" if "steady" in r else "-"
+        capture = (f"{r['resid vs own']:>11.0%} {steady:>7} {r['all']:>11.0f} {r['all bus'] / r['limit']:>7.0%}"
+                   if "resid" in r else f"{'-':>11} {'-':>7} {'-':>11} {'-':>7}")
+        print(f"{r['batch']:>5} {r['plain']:>10.0f} {r['mlx-lm']:>8.0f} {r['loop']:>9.0f} {r['torch']:>8.0f} "
+              f"{r['ratio']:>9.2f} {r['plain'] / r['torch']:>10.2f} {r['floor']:>7.0f} {r['plain'] / r['floor']:>9.1%} "
+              f"{capture} {r['peak']:>8.1f}")
+    if four_b:
+        print(f"4B shapes, batch 16: gemmalens {four_b[0]:.0f} tok/s, mlx-lm {four_b[1]:.0f} (x{four_b[0] / four_b[1]:.2f}), "
+              f"transformers {four_b[2]:.0f} (x{four_b[0] / four_b[2]:.2f})")
     if args.engine_breakdown:
-        parts = engine_breakdown(model)
+        parts = engine_breakdown(gemmalens_model(ONE_B, random_weights(ONE_B)))
         print("engine's process, resid_out at batch 64: " + ", ".join(
             f"{k} {v:.0f} tok/s ({v / parts['plain']:.0%})" for k, v in parts.items()), flush=True)
     for processes, writers in args.archiver:  # what the archiver itself takes: frames already on the host
         for storage in ("stored", "deflate"):
-            limit = bus_limit(model, 64, ["model.layers.*.resid_out"], [], sink=archiver(writers, processes),
-                              workers=1, repeats=400, storage=storage)
+            limit = bus_limit(gemmalens_model(ONE_B, random_weights(ONE_B)), 64, ["model.layers.*.resid_out"], [],
+                              sink=archiver(writers, processes), workers=1, repeats=400, storage=storage)
             print(f"npz archiver, {processes} process(es) of {writers} writers, resid_out frames of batch 64, files "
                   f"{storage}: {limit / 1e6:.0f} MB/s", flush=True)
-    if args.four_b:
-        del model, weights
-        mx.clear_cache()
-        weights = random_weights(FOUR_B)
-        model = gemmalens_model(FOUR_B, weights)
-        run_plain(model, 16, args.new_tokens)
-        plain, _ = run_plain(model, 16, args.new_tokens)
-        theirs = run_mlx_lm(FOUR_B, weights, 16, args.new_tokens)
-        print(f"\n4B shapes, batch 16: gemmalens {plain:.0f} tok/s, mlx-lm {theirs:.0f}, ratio {plain / theirs:.2f}")
+    print(f"total {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":
