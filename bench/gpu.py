@@ -227,6 +227,20 @@ def run_mlx_lm(model, batch, new_tokens):
     return count / (time.perf_counter() - started)
 
 
+def mlx_lm_survives(batch):
+    """Whether mlx-lm's ``batch_generate`` gets through a few tokens at ``batch`` (tried in a child process: a
+    crash of mlx-lm or MLX under it must not end the benchmark)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu\n"
+            "gpu.run_mlx_lm(gpu.mlx_lm_model(gpu.ONE_B, gpu.random_weights(gpu.ONE_B)), int(sys.argv[2]), 4)")
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-P", "-c", code, str(Path(__file__).parent), str(batch)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"mlx-lm at batch {batch}: exit {done.returncode}; not run at this batch", flush=True)
+    return done.returncode == 0
+
+
 def run_mlx_lm_loop(model, batch, new_tokens):
     """mlx-lm's model in the plainest loop: its own caches, the whole batch at once (equal prompt lengths, no
     padding), greedy, the next step queued before the current token is read. A ceiling for mlx-lm's drivers."""
@@ -460,19 +474,21 @@ def main():
     rows = []
     for batch in batches:
         row = {"batch": batch}
+        peer = mlx_lm_survives(batch)
         run_plain(model, batch, args.new_tokens)  # warm-up: compiles for exactly these shapes
-        run_mlx_lm(theirs_model, batch, args.new_tokens)
-        run_mlx_lm_loop(theirs_model, batch, args.new_tokens)
+        if peer:
+            run_mlx_lm(theirs_model, batch, args.new_tokens)
+            run_mlx_lm_loop(theirs_model, batch, args.new_tokens)
         mx.reset_peak_memory()
         run_plain(model, batch, args.new_tokens)
         row["peak"] = mx.get_peak_memory() / 1e9
         plain, theirs, loop = [], [], []
         for _ in range(args.rounds):  # interleaved: the card's and the host's speed drift between runs
             plain.append(run_plain(model, batch, args.new_tokens)[0])
-            theirs.append(run_mlx_lm(theirs_model, batch, args.new_tokens))
-            loop.append(run_mlx_lm_loop(theirs_model, batch, args.new_tokens))
+            theirs.append(run_mlx_lm(theirs_model, batch, args.new_tokens) if peer else float("nan"))
+            loop.append(run_mlx_lm_loop(theirs_model, batch, args.new_tokens) if peer else float("nan"))
         row["plain"], row["mlx-lm"], row["loop"] = map(statistics.median, (plain, theirs, loop))
-        row["ratio"] = statistics.median(p / t for p, t in zip(plain, theirs))
+        row["ratio"] = statistics.median(p / t for p, t in zip(plain, theirs)) if peer else float("nan")
         torch_row = (torch_runs.get("1b") or {}).get("batches", {}).get(str(batch))
         row["torch"] = torch_row["tok_s"] if torch_row else float("nan")
         row["floor"] = floor_rate(ONE_B, weight_bytes, batch, best_copy, new_tokens=args.new_tokens)
