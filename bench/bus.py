@@ -96,7 +96,7 @@ def through_bus(arrays, address, codec, workers, frames) -> float:
 def wire_bytes_per_token(patterns) -> dict[str, float]:
     model, tokenizer = gemmalens.load(dtype="float32")
     from gemmalens.engine.generation import GenerationConfig
-    from gemmalens.engine.prompts import Prompt
+    from gemmalens.prompts import Prompt
     from gemmalens.engine.run import publish_run
     from gemmalens.engine.sampling import SamplingParams
     from gemmalens.engine.selection import select

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten
 from gemmalens.engine.config import Gemma3Config, layer_pattern
 from gemmalens.engine.generation import ActivationEvent, GenerationConfig, ResultEvent, StepEvent, generate
 from gemmalens.engine.model import Gemma3
-from gemmalens.engine.prompts import Prompt
+from gemmalens.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import publish_run
 from gemmalens.engine.sampling import SamplingParams

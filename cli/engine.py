@@ -1,19 +1,17 @@
-"""``gemmalens engine``: load the model, generate, publish every event on the bus."""
+"""``gemmalens engine``: load the model, generate, publish every event on the bus, and wait for the sinks' word."""
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
-from pathlib import Path
 
 import click
 
-from gemmalens.engine.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
-from gemmalens.engine.security import CurveServer, check_exposure
-from gemmalens.engine.selection import NO_SELECTION, select
+from gemmalens.curve import CurveServer, check_exposure
+from gemmalens.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
+from gemmalens.spec import RunSpec
 
-from .options import addresses, generation_options, reports_errors, require_pair
+from .options import addresses, generation_options, reports_errors, require_pair, spec_from
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -26,15 +24,11 @@ def prompt_set(prompts_file, category=None):
     return prompts
 
 
-def my_share(prompts, shard: tuple[int, int], skip_file=None):
-    """The prompts this engine generates: its contiguous share of the run, minus finished ones."""
+def my_share(prompts, shard: tuple[int, int]):
+    """The prompts this engine generates: its contiguous share of the run."""
     index, count = shard
     size = -(-len(prompts) // count)
-    share = prompts[index * size : (index + 1) * size]
-    if skip_file:
-        done = set(json.loads(Path(skip_file).read_text()))
-        share = [p for p in share if p.index not in done]
-    return share
+    return prompts[index * size : (index + 1) * size]
 
 
 def parse_shard(ctx, param, value):
@@ -49,25 +43,28 @@ def parse_shard(ctx, param, value):
 
 @click.command()
 @generation_options
-@click.option("--prompts-file", type=click.Path(dir_okay=False), default=None, help="Structured prompts JSON.")
+@click.option("--spec", "spec_file", type=click.Path(exists=True, dir_okay=False), default=None, hidden=True,
+              help="The run's settings as a run_config.json (what `gemmalens run` passes; the options above are "
+                   "then ignored).")
 @click.option("--category", default=None, help="Generate only this category of the prompts file.")
-@click.option("--skip-file", type=click.Path(dir_okay=False), default=None,
-              help="JSON list of prompt ids already finished (set by --resume).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run the sinks hold: generate only the prompts not every one of them has.")
 @click.option("--bind", "bind", multiple=True, default=["tcp://127.0.0.1:5555"], show_default=True,
               callback=addresses, help="Reliable endpoint(s) for archival sinks (repeatable).")
 @click.option("--lossy-bind", multiple=True, callback=addresses,
               help="Lossy endpoint(s) for live views (repeatable; default: none).")
 @click.option("--expect", type=click.IntRange(min=0), default=0, show_default=True,
               help="Wait for this many sinks before publishing.")
-@click.option("--sync-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for them.")
-@click.option("--codec", type=click.Choice(["lz4", "lz4+shuffle", "raw"]), default="lz4", show_default=True,
-              help="Payload encoding. lz4+shuffle makes decode-step frames no smaller and halves the GPU's "
-                   "captured speed (docs/performance.md); it can pay for long prompt passes over a slow network.")
-@click.option("--run-id", default=None, help="Run id stamped on every frame.")
-@click.option("--save-activations", is_flag=True, help="Capture every point unless --capture narrows it.")
+@click.option("--expect-sink", multiple=True, metavar="NAME",
+              help="Wait for the sink of this name (repeatable); name each sink you start: a run never waits "
+                   "for one it was not told of.")
+@click.option("--sync-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the expected sinks.")
+@click.option("--sink-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True, metavar="SECONDS",
+              help="A sink silent this long while the engine waits on it is lost; the run ends incomplete.")
+@click.option("--run-id", default=None, help="Run id stamped on every message (default: random).")
 @click.option("--shard", default="0/1", callback=parse_shard, show_default=True,
               help="I/N: this engine generates the I-th of N contiguous shares of the prompts.")
-@click.option("--expect-sink", multiple=True, metavar="NAME", help="Also wait for the sink of this name.")
 @click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
               help="This engine's NAME.key_secret: encrypt and authenticate (CURVE).")
 @click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
@@ -77,42 +74,41 @@ def parse_shard(ctx, param, value):
 @reports_errors
 def engine(**o):
     """Run the generation engine and publish tokens, activations and results."""
-    # MLX comes with these: imported here, the CLI's sink commands start without it (a second less on a CUDA host)
-    from gemmalens.engine.generation import GenerationConfig
+    # MLX comes with these: imported here, the CLI's sink commands start without it
     from gemmalens.engine.loading import chat_warning, load
     from gemmalens.engine.publisher import Publisher
-    from gemmalens.engine.run import capture_estimate, check_prompts, publish_run, run_info
-    from gemmalens.engine.sampling import SamplingParams
+    from gemmalens.engine.run import capture_estimate, check_prompts, generation_config, serve
+    from gemmalens.engine.selection import NO_SELECTION, select
 
     stop = {}
     for sig in EXIT_ON_SIGNAL:
         signal.signal(sig, lambda number, frame: stop.setdefault("signal", number))
+    spec = RunSpec.read_file(o["spec_file"]) if o["spec_file"] else spec_from(o, category=o["category"])
     curve = CurveServer(o["curve_secret"], o["curve_allow"]) if require_pair(o, "curve_secret", "curve_allow") else None
     check_exposure(list(o["bind"]) + list(o["lossy_bind"]), curve, o["insecure"])
-    prompts = prompt_set(o["prompts_file"], o["category"])
-    share = my_share(prompts, o["shard"], o["skip_file"])
-    model, tokenizer = load(o["model"], dtype=o["dtype"])
-    config = GenerationConfig(
-        max_tokens=o["max_tokens"],
-        sampling=SamplingParams(o["temperature"], o["top_p"], o["top_k"], o["repetition_penalty"]),
-        seed=o["seed"], batch_size=o["batch_size"], chat=o["chat_mode"], stop=tuple(o["stop"]),
-        capture_dtype=o["wire_dtype"],
-    )
-    patterns = list(o["capture"]) or (["*"] if o["save_activations"] else [])
-    selection = select(model.config, patterns, list(o["exclude"]), o["layers"], o["positions"]) if patterns else NO_SELECTION
+    prompts = prompt_set(spec.prompts_file, spec.category)
+    share = my_share(prompts, o["shard"])
+    model, tokenizer = load(spec.model, dtype=spec.dtype)
+    selection = (select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions)
+                 if spec.patterns else NO_SELECTION)
+    config = generation_config(spec)
     check_prompts(tokenizer, share, config.chat, config.max_tokens, model.config.max_position_embeddings)
     if config.chat and chat_warning(model.source):
         click.echo(chat_warning(model.source), err=True)
     if selection:
         click.echo(capture_estimate(model, tokenizer, share, config, selection)[1], err=True)
     publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],
-                          codec=o["codec"], run_id=o["run_id"],
-                          sync_timeout=o["sync_timeout"], curve=curve, engine_id=f"{o['shard'][0]}",
-                          expect_names=tuple(o["expect_sink"]))
-    info = run_info(model, config, selection, prompts, {"engines": o["shard"][1]})
-    _, totals = publish_run(model, tokenizer, share, config, selection, publisher, info,
-                            should_stop=lambda: "signal" in stop)
+                          codec=spec.codec, run_id=o["run_id"], sync_timeout=o["sync_timeout"], curve=curve,
+                          engine_id=f"{o['shard'][0]}", expect_names=tuple(o["expect_sink"]),
+                          sink_timeout=o["sink_timeout"])
+    _, totals = serve(model, tokenizer, spec, prompts, share, selection, publisher, resume=o["resume"],
+                      engines=o["shard"][1], should_stop=lambda: "signal" in stop)
     if "signal" in stop:
+        click.echo(f"engine: stopped; {totals['prompts_done']} prompt(s) finished and kept; continue with --resume",
+                   err=True)
         sys.exit(EXIT_ON_SIGNAL[stop["signal"]])
     if not totals["complete"]:
+        click.echo(f"engine: the run is INCOMPLETE: {totals['reason']}", err=True)
         sys.exit(1)
+    click.echo(f"engine: complete: {totals['prompts_done']} prompt(s), {totals['tokens']} token(s); everything "
+               f"acknowledged by {', '.join(sorted(totals['sinks'])) or 'no reliable sink'}", err=True)

@@ -1,4 +1,4 @@
-"""Options shared by ``run`` and ``engine``, and the way every command reports errors."""
+"""Options shared by ``run`` and ``engine`` (defaults from ``RunSpec``), and the way every command reports errors."""
 
 from __future__ import annotations
 
@@ -8,51 +8,74 @@ import traceback
 
 import click
 
-from gemmalens.engine.errors import ConfigError, GemmalensError, SelectionError
-from gemmalens.engine.prompts import PromptFileError
-from gemmalens.engine.selection import POSITIONS
+from gemmalens.errors import AddressError, ConfigError, GemmalensError, PromptFileError, SelectionError
+from gemmalens.spec import CODECS, POSITIONS, WIRE_DTYPES, RunSpec
+from gemmalens.wire import check_address
 
 USAGE_ERRORS = (PromptFileError, ConfigError, SelectionError)
+DEFAULTS = RunSpec()
+# The RunSpec fields the generation options set (the rest come from other options of each command).
+SPEC_OPTIONS = ("model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                "batch_size", "chat_mode", "stop", "capture", "exclude", "layers", "positions", "wire_dtype",
+                "save_activations", "prompts_file", "codec")
 
 
 def generation_options(command):
-    """The seed's generation flags with its defaults, plus top-k, dtype and stop strings."""
+    """The seed's generation flags with its defaults, plus top-k, dtype, stop strings and the capture."""
     options = [
-        click.option("--model", default=None, help="A .gguf file, model folder or Hub id (default: embedded Gemma 3 270M)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+        click.option("--model", default=DEFAULTS.model,
+                     help="A .gguf file, model folder or Hub id (default: the embedded Gemma 3 270M, a pretrained "
+                          "base model)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=DEFAULTS.dtype,
                      help="Compute dtype (default: float32 on CPU, bfloat16 on GPU)."),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True,
+        click.option("--max-tokens", type=click.IntRange(min=1), default=DEFAULTS.max_tokens, show_default=True,
                      help="Maximum new tokens to generate."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+        click.option("--temperature", type=click.FloatRange(min=0), default=DEFAULTS.temperature, show_default=True,
                      help="Sampling temperature (0: greedy)."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
-                     help="Top-p nucleus sampling threshold."),
-        click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep only the k most likely tokens."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.1,
-                     show_default=True, help="Repetition penalty factor (1: off)."),
-        click.option("--seed", type=int, default=None, help="Random seed for reproducible generation."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.top_p,
+                     show_default=True, help="Top-p nucleus sampling threshold."),
+        click.option("--top-k", type=click.IntRange(min=1), default=DEFAULTS.top_k,
+                     help="Keep only the k most likely tokens (default: no limit)."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+                     default=DEFAULTS.repetition_penalty, show_default=True, help="Repetition penalty factor (1: off)."),
+        click.option("--seed", type=int, default=DEFAULTS.seed,
+                     help="Random seed for reproducible generation (default: drawn and recorded in run_config.json)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True,
                      help="Number of prompts per batch."),
-        click.option("--chat-mode", is_flag=True, help="Apply the chat template to each prompt."),
+        click.option("--chat-mode", is_flag=True, help="Apply the chat template to each prompt (for -it models)."),
         click.option("--stop", multiple=True, help="Stop a prompt's generation at this string (repeatable)."),
+        click.option("--prompts-file", type=click.Path(dir_okay=False), default=DEFAULTS.prompts_file,
+                     help="Structured prompts JSON file (default: 8 built-in prompts; docs/outputs.md shows the "
+                          "formats)."),
+        click.option("--save-activations", is_flag=True,
+                     help="Enable activation capture (every point unless --capture narrows it)."),
         click.option("--capture", multiple=True, metavar="PATTERN",
-                     help="Capture points matching this glob (repeatable; default with --save-activations: all)."),
+                     help="Capture points matching this glob (repeatable; implies --save-activations; default with "
+                          "--save-activations: all). `gemmalens names` lists them."),
         click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out points matching this glob."),
-        click.option("--layers", default=None, metavar="RANGES", help="Capture only these layers, e.g. '0-5,17'."),
-        click.option("--positions", type=click.Choice(POSITIONS), default="all", show_default=True,
+        click.option("--layers", default=DEFAULTS.layers, metavar="RANGES",
+                     help="Capture only these layers, e.g. '0-5,17' (default: all)."),
+        click.option("--positions", type=click.Choice(POSITIONS), default=DEFAULTS.positions, show_default=True,
                      help="Which sequence positions to capture."),
-        click.option("--wire-dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+        click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default=DEFAULTS.wire_dtype,
                      help="Dtype of activations on the bus (default: the compute dtype)."),
+        click.option("--codec", type=click.Choice(CODECS), default=DEFAULTS.codec, show_default=True,
+                     help="Payload encoding on the bus. lz4+shuffle packs dense floats 5-30% tighter at a few "
+                          "times the CPU cost (docs/performance.md)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
+def spec_from(options: dict, **extra) -> RunSpec:
+    """The ``RunSpec`` that a command's generation options (and ``extra`` fields) describe."""
+    values = {name: options[name] for name in SPEC_OPTIONS if name in options}
+    return RunSpec.from_dict({**values, **extra})
+
+
 def addresses(ctx, param, value):
     """A click callback: every address of a (repeatable) option checked (``check_address``)."""
-    from gemmalens.engine.security import AddressError, check_address
-
     values = [value] if isinstance(value, str) else list(value or ())
     try:
         checked = [check_address(v, param.opts[0]) for v in values]

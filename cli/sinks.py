@@ -8,11 +8,12 @@ import sys
 
 import click
 
-from gemmalens.engine.security import CurveClient, create_keys
+from gemmalens.curve import CurveClient, create_keys
 from gemmalens.sinks.base import Subscriber
 from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.results import ResultsWriter
 from gemmalens.sinks.stats import LiveStats
+from gemmalens.wire import Limits
 
 from .options import addresses, reports_errors, require_pair
 
@@ -63,12 +64,29 @@ def common(command):
                            help="The engine's public key file: refuse any other engine.")(command)
     command = click.option("--connect", multiple=True, required=True, callback=addresses,
                            help="Engine endpoint(s) to subscribe to (several engines of one run: repeat).")(command)
-    command = click.option("--name", default=None, help="Name announced to the engine.")(command)
+    command = click.option("--name", default=None,
+                           help="Name announced to the engine, which `engine --expect-sink NAME` waits for (default: "
+                                "the sink's kind: results, npz, stats; attach: the class name).")(command)
     command = click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
                            help="Give up after this many seconds without a message, waiting for a run included "
                                 "(default: never).")(command)
+    command = click.option("--engine-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+                           metavar="SECONDS",
+                           help="An engine that went away mid-run and is not back after this long ends the run, "
+                                "incomplete.")(command)
+    command = click.option("--max-message-mb", type=click.FloatRange(min=1), default=4096.0, show_default=True,
+                           help="Refuse messages (and arrays) larger than this many MB.")(command)
+    command = click.option("--locked", is_flag=True, hidden=True,
+                           help="The output folder is locked by the parent `gemmalens run`.")(command)
     command = click.option("--verbose", is_flag=True, help="Show tracebacks.")(command)
     return command
+
+
+def common_arguments(o: dict) -> dict:
+    """Subscriber arguments from the common options."""
+    size = int(o["max_message_mb"] * 1e6)
+    return {"curve": _curve(o), "engine_timeout": o["engine_timeout"],
+            "limits": Limits(message_bytes=size, array_bytes=size)}
 
 
 @click.group()
@@ -86,10 +104,10 @@ def sink():
               help="Processes writing the files, each a share of the steps (default: one per four cores, at most "
                    "four; one below eight cores).")
 @reports_errors
-def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, processes, **curve):
+def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, processes, locked, **o):
     """Archive activation frames as activations_step_*.npz files."""
     serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz",
-                      processes=processes, curve=_curve(curve)), idle_timeout)
+                      processes=processes, locked=locked, **common_arguments(o)), idle_timeout)
 
 
 @sink.command("results")
@@ -98,10 +116,10 @@ def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_
               help="Folder for results.json, results.jsonl, prompt_metadata.json and summary.json.")
 @click.option("--echo", is_flag=True, help="Print each result as it arrives.")
 @reports_errors
-def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **curve):
-    """Write results.json, results.jsonl, prompt_metadata.json and summary.json."""
-    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results", curve=_curve(curve)),
-          idle_timeout)
+def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, locked, **o):
+    """Write results.json, results.jsonl, prompt_metadata.json, summary.json and run_config.json."""
+    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results", locked=locked,
+                        **common_arguments(o)), idle_timeout)
 
 
 @sink.command("stats")
@@ -111,9 +129,9 @@ def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **curve
 @click.option("--watch", multiple=True, type=click.Path(file_okay=False), metavar="FOLDER",
               help="Also show the bytes written into this folder (repeatable).")
 @reports_errors
-def stats_sink(connect, name, idle_timeout, verbose, every, watch, **curve):
+def stats_sink(connect, name, idle_timeout, verbose, every, watch, locked, **o):
     """Show live progress (connect it to the engine's lossy endpoint)."""
-    serve(LiveStats(list(connect), name=name or "stats", curve=_curve(curve), every=every, folders=watch),
+    serve(LiveStats(list(connect), name=name or "stats", every=every, folders=watch, **common_arguments(o)),
           idle_timeout)
 
 
@@ -134,10 +152,10 @@ def load_subscriber(spec: str) -> type[Subscriber]:
 @click.argument("subscriber")
 @common
 @reports_errors
-def attach(subscriber, connect, name, idle_timeout, verbose, **curve):
+def attach(subscriber, connect, name, idle_timeout, verbose, locked, **o):
     """Run a custom subscriber (module:Class, a Subscriber subclass) against an engine."""
     cls = load_subscriber(subscriber)
-    serve(cls(list(connect), name=name or cls.__name__.lower(), curve=_curve(curve)), idle_timeout)
+    serve(cls(list(connect), name=name or cls.__name__.lower(), **common_arguments(o)), idle_timeout)
 
 
 @click.command()

@@ -1,10 +1,8 @@
 """The generation engine: model, loading, tokenizer, sampling, generation, capture, publisher.
 
 The fast-BLAS set-up must run before MLX is first imported (engine/blas.py),
-hence it runs here, before any engine module is. The entry points below are
-imported on first use: sinks read frames and selections from this package
-without importing MLX (a helper process of the npz archiver starts in a
-fraction of the time, and a storage machine needs no MLX).
+hence it runs here, before any engine module is; everything that needs MLX
+comes through this package. Sinks never import it (they use gemmalens.wire).
 """
 
 import importlib
@@ -13,7 +11,7 @@ from .blas import use_fast_blas
 
 use_fast_blas()
 
-_ENTRY_POINTS = {"generate": ".generation", "run_with_capture": ".generation", "load": ".loading"}
+_ENTRY_POINTS = {"generate": ".generation", "run_with_capture": ".analysis", "load": ".loading"}
 
 __all__ = ["load", "generate", "run_with_capture", "use_fast_blas"]
 

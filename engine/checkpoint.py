@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import Gemma3Config, config_from_gguf
-from .errors import CheckpointError
+from gemmalens.errors import CheckpointError
 
 # Text weights of the multimodal checkpoints, as the Hub files and newer transformers name them.
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from gemmalens.errors import ConfigError
 
 SLIDING = "sliding_attention"
 GLOBAL = "full_attention"

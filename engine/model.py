@@ -130,6 +130,25 @@ class Rotary:
 
 
 class Attention(nn.Module):
+    # Capture points under model.layers.{i}.self_attn.: (name, shape, meaning); shapes use the letters of this
+    # file's docstring, S the sequence.
+    POINTS = (
+        ("q_proj_out", "B,S,H*D", "query projection"),
+        ("k_proj_out", "B,S,G*D", "key projection"),
+        ("v_proj_out", "B,S,G*D", "value projection"),
+        ("queries_reshaped", "B,S,H,D", "queries split into heads"),
+        ("keys_reshaped", "B,S,G,D", "keys split into kv heads"),
+        ("values_reshaped", "B,S,G,D", "values split into kv heads"),
+        ("q_norm_out", "B,S,H,D", "queries after the per-head RMSNorm"),
+        ("k_norm_out", "B,S,G,D", "keys after the per-head RMSNorm"),
+        ("queries_rope", "B,S,H,D", "queries after rotary embedding"),
+        ("keys_rope", "B,S,G,D", "keys after rotary embedding"),
+        ("attn_scores", "B,H,S,K", "scaled, masked (-inf), pre-softmax scores over absolute key slots"),
+        ("attn_weights", "B,H,S,K", "softmax of the scores: what each query reads (0 where unseen)"),
+        ("attn_out", "B,S,H*D", "heads merged, before o_proj"),
+        ("o_proj_out", "B,S,E", "attention output projection"),
+    )
+
     def __init__(self, config: Gemma3Config, prefix: str):
         super().__init__()
         self.heads = config.num_attention_heads
@@ -186,6 +205,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    POINTS = (  # under model.layers.{i}.mlp.
+        ("gate_proj_out", "B,S,F", "gate projection"),
+        ("up_proj_out", "B,S,F", "up projection"),
+        ("act_out", "B,S,F", "gelu_tanh(gate)"),
+        ("hidden", "B,S,F", "gelu_tanh(gate) * up"),
+        ("down_proj_out", "B,S,E", "down projection"),
+    )
+
     def __init__(self, config: Gemma3Config, prefix: str):
         super().__init__()
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
@@ -204,6 +231,18 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    POINTS = (  # under model.layers.{i}.; a child's name stands for its points, in the order they are computed
+        ("input_layernorm_in", "B,S,E", "residual stream entering the layer"),
+        ("input_layernorm_out", "B,S,E", "RMSNorm before attention"),
+        "self_attn",
+        ("post_attention_layernorm_out", "B,S,E", "RMSNorm after attention"),
+        ("resid_mid", "B,S,E", "residual stream after the attention block"),
+        ("pre_feedforward_layernorm_out", "B,S,E", "RMSNorm before the MLP"),
+        "mlp",
+        ("post_feedforward_layernorm_out", "B,S,E", "RMSNorm after the MLP"),
+        ("resid_out", "B,S,E", "residual stream leaving the layer"),
+    )
+
     def __init__(self, config: Gemma3Config, index: int):
         super().__init__()
         self.p = p = f"model.layers.{index}."
@@ -240,6 +279,14 @@ class Gemma3Model(nn.Module):
 
 class Gemma3(nn.Module):
     """Gemma 3 text decoder. Parameter names equal Hugging Face's (``model.layers.N...``)."""
+
+    POINTS = (  # under model.; "layers" stands for every layer's points
+        ("embed_tokens_out", "B,S,E", "token embeddings E[ids]"),
+        ("embed_scaled", "B,S,E", "embeddings times sqrt(hidden_size): the residual stream's start"),
+        "layers",
+        ("norm_out", "B,S,E", "final RMSNorm"),
+        ("logits", "B,S,V", "logits (generation computes them for the last position only)"),
+    )
 
     def __init__(self, config: Gemma3Config):
         super().__init__()

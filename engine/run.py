@@ -1,10 +1,10 @@
-"""One run on the bus: generate for a prompt set and publish every event.
+"""One run on the bus: from a ``RunSpec`` and the sinks that came, generate and publish every event.
 
-``publish_run`` is what ``gemmalens engine`` and the in-process API execute:
-``run.start`` (configuration, model identity, prompts), then tokens,
-activation frames, results and periodic stats, then ``run.end`` with totals.
-A stop request (SIGINT/SIGTERM in the CLI) ends the run after the current
-step; the end message then says the run is incomplete.
+``serve`` is what ``gemmalens engine`` and the in-process API execute: wait for the sinks (they say what they
+already hold), decide what a resumed run still has to generate, then ``run.start`` (settings, model
+identity, prompts), tokens, activation frames, results and periodic stats, and ``run.end`` with the totals,
+which the sinks acknowledge. A stop request (SIGINT/SIGTERM in the CLI) ends the run after the current step;
+the end message then says the run is incomplete.
 """
 
 from __future__ import annotations
@@ -16,28 +16,42 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 
-from .errors import ConfigError
-from .generation import (ActivationEvent, BatchEndEvent, GenerationConfig, GenerationResult, ResultEvent, StepEvent,
-                         generate)
+from gemmalens.errors import ConfigError, SinkLost
+from gemmalens.prompts import Prompt
+from gemmalens.spec import RunSpec
+
+from .events import ActivationEvent, BatchEndEvent, GenerationResult, ResultEvent, StepEvent
+from .generation import GenerationConfig, generate
 from .model import Gemma3
-from .prompts import Prompt
-from .publisher import Publisher
+from .publisher import Publisher, Sink, Stopped
+from .sampling import SamplingParams
 from .selection import Selection, estimate_bytes
 from .tokenizer import Tokenizer
 from .transfer import dtype_name
 
+WARN_BYTES = 1 << 30
 
-def run_info(model: Gemma3, config: GenerationConfig, selection: Selection, prompts: Sequence[Prompt],
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+
+def generation_config(spec: RunSpec) -> GenerationConfig:
+    """The generation settings of a run (its seed must be resolved already)."""
+    return GenerationConfig(
+        max_tokens=spec.max_tokens,
+        sampling=SamplingParams(spec.temperature, spec.top_p, spec.top_k, spec.repetition_penalty),
+        seed=spec.seed, batch_size=spec.batch_size, chat=spec.chat_mode, stop=spec.stop,
+        capture_dtype=spec.wire_dtype,
+    )
+
+
+def run_info(model: Gemma3, config: GenerationConfig, selection: Selection, spec: RunSpec,
+             prompts: Sequence[Prompt], engines: int = 1, segment: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``run.start`` body: everything needed to interpret and reproduce the run.
 
-    ``prompts`` is the whole prompt set of the run (every engine of a sharded
-    run, finished prompts of a resumed run included); ``extra`` may say how
-    many ``engines`` serve it.
-    """
+    ``prompts`` is the whole prompt set of the run (every engine's share, finished prompts of a resumed run
+    included); ``segment`` says whether this start resumes an earlier one and which prompts it skips."""
     from gemmalens import __version__
 
     return {
+        "spec": spec.to_dict(),
         "model": {**getattr(model, "source", {}), "config": model.config.to_dict(), "dtype": dtype_name(model.dtype)},
         "generation": {**asdict(config), "sampling": asdict(config.sampling),
                        "capture_dtype": config.capture_dtype or dtype_name(model.dtype)},
@@ -45,8 +59,8 @@ def run_info(model: Gemma3, config: GenerationConfig, selection: Selection, prom
         "prompts": [p.to_dict() for p in prompts],
         "versions": {"gemmalens": __version__, "mlx": mx.__version__, "python": platform.python_version()},
         "device": str(mx.default_device()),
-        "engines": 1,
-        **(extra or {}),
+        "engines": engines,
+        "segment": segment or {"resume": False, "skipped": []},
     }
 
 
@@ -88,6 +102,67 @@ def check_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt], chat: bool, m
                           "lower --max-tokens")
 
 
+def capture_estimate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[Prompt], config: GenerationConfig,
+                     selection: Selection) -> tuple[int, str]:
+    """The bytes a capture run writes at most (``estimate_bytes``) and a line saying so; above 1 GiB the line
+    warns and says how to narrow the capture."""
+    lengths = [len(tokenizer.encode(p.text, config.chat)) for p in prompts]
+    size = estimate_bytes(model.config, selection, lengths, config.max_tokens, config.batch_size)
+    points = len(selection.model_names) + len(selection.sample_names)
+    line = (f"capture: at most {size / 1e9:.2f} GB before compression ({points} points, {len(prompts)} prompts, up "
+            f"to {config.max_tokens} tokens each)")
+    if size > WARN_BYTES:
+        line = ("warning: " + line + "; narrow it with --capture PATTERN (e.g. 'model.layers.*.resid_out'), "
+                "--layers (e.g. 0-5) or --positions (last, prompt, generated), or lower --max-tokens")
+    return size, line
+
+
+def resume_plan(sinks: Sequence[Sink], spec: RunSpec, resume: bool) -> tuple[RunSpec, set[int]]:
+    """What the sinks' hellos mean for this run: the settings to use (a resumed run's seed comes from the run it
+    continues) and the prompts to skip (those every sink holding the earlier run has done).
+
+    A fresh run into a sink that holds an incomplete run is refused (``--resume`` continues it); a resumed run
+    with settings that change the outputs, or with no sink holding a run, is refused too."""
+    holding = [s for s in sinks if (s.state or {}).get("run")]
+    if not resume:
+        unfinished = [s for s in holding if not s.state.get("complete")]
+        if unfinished:
+            s = unfinished[0]
+            raise ConfigError(
+                f"sink {s.name} holds an incomplete run in {s.state.get('folder')} ({len(s.state.get('have', []))} "
+                "prompt(s) done): continue it with --resume, or clear that folder (or choose another) for a new run")
+        return spec, set()
+    if not holding:
+        raise ConfigError("--resume: no sink holds an earlier run to continue (their folders are empty); run "
+                          "without --resume")
+    for sink in holding:
+        stored = RunSpec.from_dict(sink.state.get("spec") or {}, f"sink {sink.name}'s run_config.json")
+        if spec.seed is None:
+            spec = spec.replace(seed=stored.seed)
+        differing = stored.differences(spec)
+        if differing:
+            raise ConfigError(f"--resume: these settings differ from the run in {sink.state.get('folder')} "
+                              f"(sink {sink.name}): {', '.join(differing)}")
+    skip = set.intersection(*(set(s.state.get("have", [])) for s in holding))
+    return spec, skip
+
+
+def serve(model: Gemma3, tokenizer: Tokenizer, spec: RunSpec, prompts: Sequence[Prompt], share: Sequence[Prompt],
+          selection: Selection, publisher: Publisher, resume: bool = False, engines: int = 1,
+          should_stop: Callable[[], bool] = lambda: False,
+          observe: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[GenerationResult], dict[str, Any]]:
+    """Waits for the sinks, then generates this engine's ``share`` of ``prompts`` (less what a resumed run has
+    done) and publishes it. Returns the results and the ``run.end`` totals (with every sink's acknowledgement).
+    """
+    sinks = publisher.wait_for_sinks(should_stop)
+    spec, skip = resume_plan(sinks, spec, resume)
+    config = generation_config(spec)
+    todo = [p for p in share if p.index not in skip]
+    segment = {"resume": resume, "skipped": sorted(skip)}
+    publisher.start(run_info(model, config, selection, spec, prompts, engines, segment))
+    return publish_run(model, tokenizer, todo, config, selection, publisher, should_stop, observe=observe)
+
+
 def publish_run(
     model: Gemma3,
     tokenizer: Tokenizer,
@@ -95,28 +170,25 @@ def publish_run(
     config: GenerationConfig,
     selection: Selection,
     publisher: Publisher,
-    info: dict[str, Any],
     should_stop: Callable[[], bool] = lambda: False,
     stats_every: float = 1.0,
     observe: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[GenerationResult], dict[str, Any]]:
-    """Runs generation, publishing as it goes. Returns the results and the ``run.end`` totals.
-
-    ``observe`` also receives every ``stats`` snapshot (the in-process API shows progress with it)."""
-    publisher.start(info, should_stop)
+    """Generates ``prompts`` and publishes every event (after ``publisher.start``). Returns the results and the
+    ``run.end`` totals. ``observe`` also receives every ``stats`` snapshot (the in-process API shows progress
+    with it). A lost sink ends the run early, incomplete."""
     results: list[GenerationResult] = []
     progress = Progress(len(prompts), config.batch_size, config.max_tokens)
     last_stats = progress.started
-    stopped = None
+    reason = None
     try:
-        for event in generate(model, tokenizer, [p.text for p in prompts], config, selection,
-                              [p.index for p in prompts]):
+        for event in generate(model, tokenizer, prompts, config, selection):
             publisher.publish(event)
             progress.add(event)
             if isinstance(event, ResultEvent):
                 results.append(event.result)
             elif isinstance(event, StepEvent) and should_stop():
-                stopped = "interrupted"
+                reason = "interrupted"
                 break
             now = time.perf_counter()
             if now - last_stats >= stats_every:
@@ -125,25 +197,12 @@ def publish_run(
                 publisher.stats(snapshot)
                 if observe is not None:
                     observe(snapshot)
+    except Stopped:
+        reason = "interrupted"
+    except SinkLost as error:
+        reason = str(error)
     except BaseException as error:
         publisher.finish(False, f"failed: {type(error).__name__}: {error}", progress.snapshot())
         raise
-    totals = publisher.finish(stopped is None, stopped, progress.snapshot())
+    totals = publisher.finish(reason is None, reason, progress.snapshot())
     return results, totals
-
-
-WARN_BYTES = 1 << 30
-
-
-def capture_estimate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[Prompt], config: GenerationConfig,
-                     selection: Selection) -> tuple[int, str]:
-    """The bytes a capture run writes at most (``estimate_bytes``) and a line saying so; above 1 GiB the line
-    warns and says how to narrow the capture."""
-    lengths = [len(tokenizer.encode(p.text, config.chat)) for p in prompts]
-    size = estimate_bytes(model.config, selection, lengths, config.max_tokens, config.batch_size)
-    line = (f"capture: at most {size / 1e9:.2f} GB before compression ({len(selection.model_names)} points, "
-            f"{len(prompts)} prompts, up to {config.max_tokens} tokens each)")
-    if size > WARN_BYTES:
-        line = ("warning: " + line + "; narrow it with --capture PATTERN (e.g. 'model.layers.*.resid_out'), "
-                "--layers (e.g. 0-5) or --positions (last, prompt, generated), or lower --max-tokens")
-    return size, line

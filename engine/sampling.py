@@ -15,7 +15,18 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .errors import ConfigError
+from gemmalens.errors import ConfigError
+
+# The values of each step's decision, captured as generate.step_{k}.sample.<name>: (name, shape, meaning).
+POINTS = (
+    ("logits", "B,1,V", "float32 logits the step samples from"),
+    ("penalized_logits", "B,1,V", "after the repetition penalty"),
+    ("scaled_logits", "B,1,V", "after temperature"),
+    ("softmax_probs", "B,1,V", "softmax of the scaled logits"),
+    ("kept", "B,1,V", "bool: the top-k / top-p set the token is drawn from"),
+    ("token", "B,1", "the chosen token id"),
+    ("token_prob", "B,1", "the chosen token's probability in softmax_probs"),
+)
 
 # Candidates examined before falling back to a full sort for top-p.
 _CANDIDATES = 256

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
 
-from .errors import CheckpointError, ConfigError
+from gemmalens.errors import CheckpointError, ConfigError
 
 # Gemma 3's turn format; no system role, so system text opens the first user turn.
 GEMMA_CHAT_TEMPLATE = (

@@ -1,11 +1,11 @@
 """gemmalens: run Gemma 3 with MLX and capture every named intermediate value.
 
-The functions below are imported on first use (MLX with them): ``import gemmalens.sinks...`` stays light.
+The functions below are imported on first use: ``load``, ``batch_generate`` and ``run_with_capture`` bring the
+engine (and MLX, after setting up a fast BLAS on Linux: engine/blas.py); the wire contract
+(``gemmalens.wire``), the sinks and ``open_activations`` need neither.
 """
 
 import importlib
-
-import gemmalens.engine  # noqa: F401  sets up the fast BLAS before anything imports MLX (engine/blas.py)
 
 __version__ = "0.1.0"
 __all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "__version__"]

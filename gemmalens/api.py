@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import threading
 import uuid
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import zmq
 
-from gemmalens.engine.generation import GenerationConfig, GenerationResult, ResultEvent, StepEvent, generate
+from gemmalens.engine.events import GenerationResult, ResultEvent, StepEvent
+from gemmalens.engine.generation import generate
+from gemmalens.engine.loading import chat_warning
 from gemmalens.engine.model import Gemma3
-from gemmalens.engine.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
-from gemmalens.engine.run import Progress, publish_run, run_info
-from gemmalens.engine.sampling import SamplingParams
+from gemmalens.engine.run import WARN_BYTES, Progress, capture_estimate, generation_config, serve
 from gemmalens.engine.selection import select
 from gemmalens.engine.tokenizer import Tokenizer
+from gemmalens.prompts import Prompt
 from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.stats import ProgressView
+from gemmalens.spec import RunSpec
+
+DEFAULTS = RunSpec()
 
 
 def batch_generate(
@@ -27,20 +33,20 @@ def batch_generate(
     tokenizer: Tokenizer,
     prompts: Sequence[str] | str,
     *,
-    max_tokens: int = 100,
-    temperature: float = 0.8,
-    top_p: float = 0.9,
-    top_k: int | None = None,
-    repetition_penalty: float = 1.1,
-    seed: int | None = None,
-    batch_size: int = 4,
-    chat: bool = False,
+    max_tokens: int = DEFAULTS.max_tokens,
+    temperature: float = DEFAULTS.temperature,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int | None = DEFAULTS.top_k,
+    repetition_penalty: float = DEFAULTS.repetition_penalty,
+    seed: int | None = DEFAULTS.seed,
+    batch_size: int = DEFAULTS.batch_size,
+    chat: bool = DEFAULTS.chat_mode,
     stop: Sequence[str] | None = None,
     save_activations_dir: str | Path | None = None,
     capture: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    layers: str | None = None,
-    positions: str = "all",
+    layers: str | None = DEFAULTS.layers,
+    positions: str = DEFAULTS.positions,
     compress: bool = True,
     progress: bool | None = None,
 ) -> list[GenerationResult]:
@@ -51,24 +57,27 @@ def batch_generate(
     ``save_activations_dir``, the points matching ``capture`` (glob patterns;
     default every point) at the chosen ``positions`` ("all", "prompt",
     "generated", "last") are published as frames to an in-process npz
-    archiver writing that folder. ``progress`` shows a bar on stderr (default: when stderr is a terminal).
+    archiver writing that folder. ``progress`` shows a bar on stderr (default:
+    when stderr is a terminal).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    config = GenerationConfig(
-        max_tokens=max_tokens,
-        sampling=SamplingParams(temperature, top_p, top_k, repetition_penalty),
-        seed=seed,
-        batch_size=batch_size,
-        chat=chat,
-        stop=tuple(stop or ()),
-    )
+    records = [Prompt(i, text) for i, text in enumerate(prompts)]
+    spec = RunSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                   repetition_penalty=repetition_penalty, seed=secrets.randbits(31) if seed is None else seed,
+                   batch_size=batch_size, chat_mode=chat, stop=tuple(stop or ()),
+                   save_activations=save_activations_dir is not None, capture=tuple(capture or ()),
+                   exclude=tuple(exclude), layers=layers, positions=positions,
+                   activations_dir=str(save_activations_dir) if save_activations_dir is not None else None)
+    config = generation_config(spec)
+    if chat and chat_warning(getattr(model, "source", {})):
+        warnings.warn(chat_warning(model.source), stacklevel=2)
     view = ProgressView(live=True) if (sys.stderr.isatty() if progress is None else progress) else None
     if save_activations_dir is None:
         if capture:
             raise ValueError("capture needs save_activations_dir (or use run_with_capture for one forward pass)")
-        counter = Progress(len(prompts), batch_size, max_tokens)
+        counter = Progress(len(records), batch_size, max_tokens)
         results = []
-        for event in generate(model, tokenizer, prompts, config):
+        for event in generate(model, tokenizer, records, config):
             counter.add(event)
             if isinstance(event, ResultEvent):
                 results.append(event.result)
@@ -77,8 +86,10 @@ def batch_generate(
         if view is not None:
             view.close(counter.snapshot())
         return sorted(results, key=lambda r: r.index)
-    selection = select(model.config, list(capture or ["*"]), list(exclude), layers, positions)
-    records = [Prompt(i, text) for i, text in enumerate(prompts)]
+    selection = select(model.config, list(spec.patterns), list(exclude), layers, positions)
+    size, line = capture_estimate(model, tokenizer, records, config, selection)
+    if size > WARN_BYTES:
+        warnings.warn(line, stacklevel=2)
     address = f"inproc://gemmalens-{uuid.uuid4().hex}"
     context = zmq.Context.instance()
     publisher = Publisher(reliable=address, expect=1, context=context)
@@ -87,13 +98,16 @@ def batch_generate(
     thread = threading.Thread(target=lambda: outcome.setdefault("complete", archiver.run()), daemon=True)
     thread.start()
     try:
-        results, totals = publish_run(model, tokenizer, records, config, selection, publisher,
-                                      run_info(model, config, selection, records),
-                                      observe=view.update if view is not None else None)
+        results, totals = serve(model, tokenizer, spec, records, records, selection, publisher,
+                                observe=view.update if view is not None else None)
+    except BaseException:
+        archiver.stop_requested = True  # it waits for a run that will not come, or end
+        raise
     finally:
         thread.join()
         if view is not None:
             view.close()
-    if not outcome.get("complete"):
-        raise RuntimeError(f"the npz archiver did not receive every frame: {archiver.gaps or archiver.missing()}")
+    if not totals["complete"] or not outcome.get("complete"):
+        raise RuntimeError(f"the activations in {save_activations_dir} are incomplete: "
+                           f"{totals.get('reason') or archiver.shortfall()}")
     return sorted(results, key=lambda r: r.index)

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from isal import isal_zlib
 
-from gemmalens.engine.frames import bfloat16_to_float32
+from gemmalens.files import partial_path, write_failed
+from gemmalens.wire import bfloat16_to_float32
 
 ALIGN = 4096  # direct I/O wants memory, length and offset in multiples of the block size
 NPY_ALIGN = 64  # where stored values start, relative to the file
@@ -67,13 +68,12 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool, widen: 
     entries = [_entry(staged, name, array, name in widen, compress, stamp) for name, array in arrays.items()]
     _directory(staged, entries, stamp)
     partial = partial_path(path)
-    staged.write_to(partial)
-    os.replace(partial, path)
-
-
-def partial_path(path: Path) -> Path:
-    """Where a file is written before it is renamed to ``path`` (hidden; a crash leaves only this behind)."""
-    return path.with_name(f".{path.name}.partial")
+    try:
+        staged.write_to(partial)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise write_failed(path, error) from None
 
 
 def _entry(staged: StagedFile, name: str, array: np.ndarray, widen: bool, compress: bool, stamp) -> tuple:

@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from gemmalens.engine.frames import decode
-from gemmalens.engine.selection import NO_SELECTION, Selection
+from gemmalens.wire import decode, positions_of
 
 from .base import message_parts
 from .npzfile import write_npz
@@ -44,12 +43,14 @@ BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (bey
 START_TIMEOUT = 120.0  # seconds for a helper process to start (numpy, zmq, lz4, isal: 0.3 s on the H200 host)
 
 
-def _positions(slot: dict[str, Any], rows: list[list[int]]) -> np.ndarray:
-    """A frame's positions as an array. A step's frames mostly carry the same lists: converted once per step (on
-    the H200's host the conversion took a sixth of the receiving thread's time with the GIL, the archiver's limit)."""
-    if slot["positions"] is None or slot["positions"][0] != rows:
-        slot["positions"] = (rows, np.array(rows, dtype=np.int32))
-    return slot["positions"][1]
+def _positions(pending: dict[str, Any], header: dict[str, Any]) -> np.ndarray:
+    """A frame's positions ``[rows, seq]`` (from its first slot, its length and the rows' pads). A step's frames
+    mostly share them: computed once per (slot, length) per step."""
+    seq = header["shape"][header["axes"].index("seq")]
+    key = (header["slot"], seq)
+    if key not in pending["positions"]:
+        pending["positions"][key] = positions_of(header["slot"], seq, header["pads"])
+    return pending["positions"][key]
 
 
 class StepFiles:
@@ -66,40 +67,38 @@ class StepFiles:
         self.writing_bytes = 0
         self.pending: dict[tuple[int, int], dict[str, Any]] = {}  # (batch, step) -> frames received so far
         self.done: queue.SimpleQueue = queue.SimpleQueue()  # outcomes not yet read
-        self.selection = NO_SELECTION
-
-    def start(self, selection: Selection) -> None:
-        self.selection = selection
 
     def add(self, header: dict[str, Any], body: np.ndarray) -> None:
         """One activation frame (bfloat16 as its uint16 patterns, widened to float32 by the writers)."""
-        slot = self.pending.setdefault((header["batch"], header["step"]), {
-            "prompts": header["prompts"], "pad": header["pads"], "arrays": {}, "bfloat16": set(), "positions": None})
-        slot["arrays"][header["name"]] = body
-        slot["arrays"][header["name"] + ".positions"] = _positions(slot, header["positions"])
+        pending = self.pending.setdefault((header["batch"], header["step"]), {
+            "prompts": header["prompts"], "pad": header["pads"], "arrays": {}, "bfloat16": set(), "positions": {},
+            "frames": 0})
+        pending["arrays"][header["name"]] = body
+        pending["arrays"][header["name"] + ".positions"] = _positions(pending, header)
+        pending["frames"] += 1
         if header["dtype"] == "bfloat16":
-            slot["bfloat16"].add(header["name"])
+            pending["bfloat16"].add(header["name"])
 
     def finish_step(self, tokens: dict[str, Any]) -> None:
-        """The step's tokens (the body of its ``tokens`` message): its file goes to the writers."""
+        """The step's tokens (the body of its ``tokens`` message, which counts the step's frames): its file goes
+        to the writers; a step with fewer frames than counted is damaged."""
         batch, step = tokens["batch"], tokens["step"]
-        slot = self.pending.pop((batch, step), None)
-        if slot is None:  # no frame: none captured at this step (positions), or every one lost
-            lost = bool(self.selection.names_for_step(step))
-            self.done.put({"batch": batch, "step": step, "file": None, "damaged": lost, "error": None})
+        pending = self.pending.pop((batch, step), None)
+        if pending is None:  # no frame: none captured at this step (positions), or every one lost
+            self.done.put({"batch": batch, "step": step, "file": None, "damaged": tokens["frames"] > 0, "error": None})
             return
         chosen = dict(zip(tokens["prompts"], tokens["tokens"]))
         arrays = {
-            "prompts": np.array(slot["prompts"], dtype=np.int64),
+            "prompts": np.array(pending["prompts"], dtype=np.int64),
             "step": np.array(step),
-            "tokens": np.array([chosen.get(p, -1) for p in slot["prompts"]], dtype=np.int64),
-            "pad": np.array(slot["pad"], dtype=np.int64),
-            **slot["arrays"],
+            "tokens": np.array([chosen.get(p, -1) for p in pending["prompts"]], dtype=np.int64),
+            "pad": np.array(pending["pad"], dtype=np.int64),
+            **pending["arrays"],
         }
         outcome = {"batch": batch, "step": step, "file": step_file(step, batch), "error": None,
-                   "damaged": bool(self.selection.names_for_step(step) - slot["arrays"].keys())}  # a frame was lost
+                   "damaged": pending["frames"] != tokens["frames"]}  # a frame was lost
         write = self.pool.submit(write_npz, self.directory / outcome["file"], arrays, self.compress,
-                                 frozenset(slot["bfloat16"]))
+                                 frozenset(pending["bfloat16"]))
         write.add_done_callback(lambda done: self.done.put({**outcome, "error": done.exception()}))
         self.writing.append((write, sum(a.nbytes for a in arrays.values())))
         self.writing_bytes += self.writing[-1][1]
@@ -168,10 +167,6 @@ class Helpers:
         except BaseException:
             self.close()
             raise
-
-    def start(self, run_info: dict[str, Any]) -> None:
-        for k in range(len(self.outboxes)):
-            self._send(k, [b"start", json.dumps(run_info.get("capture") or {}).encode()])
 
     def send(self, step: int, frames: list) -> None:
         self._send(step % len(self.outboxes), frames)
@@ -262,12 +257,10 @@ def serve(inbox: str, outbox: str, directory: str, compress: bool, writers: int,
             kind = parts[0].bytes
             if kind == b"end":
                 break
-            if kind == b"start":
-                files.start(Selection.from_dict(json.loads(parts[1].bytes)))
-            elif kind == b"tokens":
+            if kind == b"tokens":
                 files.finish_step(json.loads(parts[1].bytes))
             else:
-                frame = decode(message_parts(parts), "uint16")
+                frame = decode(message_parts(parts), bfloat16_as="uint16")
                 files.add(frame.header, frame.body)
         send_outcomes(files.finish())
         report.send(json.dumps({"closed": name}).encode())

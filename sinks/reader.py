@@ -16,8 +16,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gemmalens.wire import SAMPLE_TEMPLATE
+
 INDEX = "activations_index.json"
-SAMPLE_TEMPLATE = "generate.step_{k}.sample."
 _STEP_NAME = re.compile(r"^generate\.step_(\d+)\.sample\.(.+)$")
 _FILE_STEP = re.compile(r"^activations_step_(\d+)_batch_(-?\d+)\.npz$")
 _BOOKKEEPING = ("prompts", "step", "tokens", "pad")
@@ -33,11 +34,6 @@ def step_of(file: str) -> int:
     if match is None:
         raise ValueError(f"{file!r} is not an activations_step_K_batch_B.npz file name")
     return int(match.group(1))
-
-
-def is_attention(name: str) -> bool:
-    """Attention scores and weights are laid out ``[batch, heads, seq, keys]``, not ``[batch, seq, ...]``."""
-    return name.endswith(("attn_scores", "attn_weights"))
 
 
 def sample_name(name: str) -> tuple[str, int | None] | None:
@@ -89,11 +85,19 @@ class ActivationArchive:
             for batch in self.index["batches"].values():
                 for file in batch["files"]:
                     with np.load(self.directory / file) as data:
-                        names.update(_public(k) for k in data.files
+                        names.update(public_name(k) for k in data.files
                                      if k not in _BOOKKEEPING and not k.endswith(".positions"))
                 break
             self._names = sorted(names)
         return self._names
+
+    def axes(self, name: str) -> list[str]:
+        """The axes of a captured name as stored (``batch`` first: one row per prompt of the batch)."""
+        return self.index.get("axes", {}).get(self.resolve(name), [])
+
+    def keyed(self, name: str) -> bool:
+        """Whether a name's values have a key axis (attention scores and weights: ``[heads, seq, keys]``)."""
+        return "keys" in self.axes(name)
 
     def resolve(self, name: str) -> str:
         """The stored spelling of ``name`` (a step's sampling name becomes the template); an unknown name is a
@@ -143,7 +147,7 @@ class ActivationArchive:
                         if chosen[r] < 0:  # the row had finished: its values here are meaningless
                             continue
                         keep = positions[r] >= 0
-                        if is_attention(stored):
+                        if self.keyed(public):
                             values = np.compress(keep, array[r], axis=1)[..., int(data["pad"][r]):]
                         else:
                             values = np.compress(keep, array[r], axis=0)
@@ -162,7 +166,7 @@ class ActivationArchive:
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         positions = np.concatenate([p for p, _ in parts])
-        if not is_attention(self.resolve(name)):
+        if not self.keyed(self.resolve(name)):
             return positions, np.concatenate([a for _, a in parts])
         keys = max(a.shape[-1] for _, a in parts)
         fill = -np.inf if name.endswith("scores") else 0.0
@@ -176,7 +180,7 @@ class ActivationArchive:
         table = [{"step": k, "token": t} for k, t in enumerate(self.tokens.get(prompt, [])) if t >= 0]
         by_step = {row["step"]: row for row in table}
         captured = {sample_name(n)[0] for n in self.names if sample_name(n)}
-        for value in ("token_prob", "softmax_probs"):
+        for value in ("token", "token_prob", "softmax_probs"):
             if value not in captured:
                 continue
             for step, (positions, values) in self.get(SAMPLE_TEMPLATE + value, [prompt])[prompt].items():
@@ -265,7 +269,8 @@ def _activations_of(folder: Path) -> Path | None:
     return next((c for c in candidates if (c / INDEX).exists()), None)
 
 
-def _public(stored: str) -> str:
+def public_name(stored: str) -> str:
+    """The name as listed: a step's sampling name as its template."""
     sampling = sample_name(stored)
     return SAMPLE_TEMPLATE + sampling[0] if sampling else stored
 

@@ -1,113 +1,150 @@
-"""The results writer: results.json, results.jsonl, prompt_metadata.json and summary.json.
+"""The results writer: results.json, results.jsonl, prompt_metadata.json, summary.json and run_config.json.
 
-Each finished prompt is appended to ``results.jsonl`` (flushed and synced) the
-moment it arrives, so nothing finished is lost if any process dies; at run end
-``results.json`` (every result, by prompt id) and ``summary.json`` are written
-atomically. On a resumed run the earlier lines are read back and a prompt
-never appears twice. Schemas: docs/outputs.md.
+Each finished prompt is appended to ``results.jsonl`` (flushed and synced) the moment it arrives, so nothing
+finished is lost if any process dies; at run end ``results.json`` (every result, by prompt id) and
+``summary.json`` are written atomically. A resumed run reads the earlier lines back (a torn last line is cut
+off) and a prompt never appears twice. A new run into a folder that holds a complete earlier run moves that
+run's files into ``.replaced/<run>`` first and removes them once the new run is complete. Schemas:
+docs/outputs.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gemmalens.files import FolderLock, JsonLines, drop_aside, dump_json, read_json_lines, set_aside
+from gemmalens.spec import RUN_CONFIG
+
 from .base import Subscriber
-from .npz import write_atomic
 
 RESULTS, RESULTS_LINES, METADATA, SUMMARY = "results.json", "results.jsonl", "prompt_metadata.json", "summary.json"
+OUTPUTS = [RESULTS, RESULTS_LINES, METADATA, SUMMARY, RUN_CONFIG]
 
 
 def read_result_lines(path: Path) -> dict[int, dict[str, Any]]:
-    """Results already appended to a results.jsonl (a torn last line, from a crash, is skipped)."""
+    """Results already appended to a results.jsonl, by prompt id (a torn last line, from a crash, is not one)."""
+    rows, _ = read_json_lines(path)
     done: dict[int, dict[str, Any]] = {}
-    if not path.exists():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        done.setdefault(int(result["index"]), result)
+    for row in rows:
+        done.setdefault(int(row["id"]), row)
     return done
 
 
-def dump_json(path: Path, value: Any) -> None:
-    write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+def folder_state(folder: Path) -> dict[str, Any]:
+    """What a results folder holds: the run, whether it is complete, the prompts done and the settings."""
+    if not (folder / RESULTS_LINES).exists() and not (folder / SUMMARY).exists():
+        return {}
+    summary = json.loads((folder / SUMMARY).read_text()) if (folder / SUMMARY).exists() else {}
+    spec = json.loads((folder / RUN_CONFIG).read_text()) if (folder / RUN_CONFIG).exists() else None
+    return {"folder": str(folder), "run": summary.get("run") or "unfinished", "complete": bool(summary.get("complete")),
+            "have": sorted(read_result_lines(folder / RESULTS_LINES)), "spec": spec}
 
 
 class ResultsWriter(Subscriber):
-    """Writes the run's JSON outputs into ``output_dir``."""
+    """Writes the run's JSON outputs into ``output_dir`` (locked for this process unless ``locked``: a parent
+    holds the lock)."""
 
     topics = ("result", "tokens")
 
-    def __init__(self, connect, output_dir: str | Path, echo: bool = False, **kwargs):
-        super().__init__(connect, **kwargs)
+    def __init__(self, connect, output_dir: str | Path, echo: bool = False, locked: bool = False, **kwargs):
         self.output_dir = Path(output_dir)
+        self.lock = None if locked else FolderLock(self.output_dir).acquire()
+        super().__init__(connect, **kwargs)
         self.echo = echo
         self.results: dict[int, dict[str, Any]] = {}
         self.prompts: dict[int, dict[str, Any]] = {}
-        self._lines = None
+        self._lines: JsonLines | None = None
         self.segments: list[dict[str, Any]] = []  # earlier segments of a resumed run: their tokens and seconds
+        self.aside: Path | None = None  # where an earlier complete run's files wait until this one completes
+        self.error: Exception | None = None
+
+    def state(self) -> dict[str, Any]:
+        return folder_state(self.output_dir)
 
     def on_run_start(self, info: dict[str, Any]) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.prompts = {p["index"]: p for p in info["prompts"]}
-        self.results = read_result_lines(self.output_dir / RESULTS_LINES)
-        earlier = self.output_dir / SUMMARY
-        if self.results and earlier.exists():  # a resumed run: its earlier segments count in its speed
-            previous = json.loads(earlier.read_text())
-            self.segments = previous.get("segments") or [{"run": previous.get("run"), "tokens": 0, "seconds": 0.0}]
-        metadata_path = self.output_dir / METADATA
-        known = json.loads(metadata_path.read_text())["prompts"] if metadata_path.exists() else []
-        merged = {p["index"]: p for p in known} | self.prompts
-        dump_json(metadata_path, {"prompts": [merged[i] for i in sorted(merged)],
-                                  "categories": _categories(merged.values())})
-        self._lines = open(self.output_dir / RESULTS_LINES, "a", encoding="utf-8")
+        if self._lines is not None:  # a new segment into this running sink: the results so far stay
+            self._lines.close()
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            earlier = folder_state(self.output_dir)
+            if earlier and not info["segment"].get("resume"):
+                self.aside = set_aside(self.output_dir, OUTPUTS, earlier.get("run"))
+                print(f"{self.name}: the earlier run's files in {self.output_dir} are kept in {self.aside} until this "
+                      "run is complete", file=self.stream, flush=True)
+            self.prompts = {p["index"]: p for p in info["prompts"]}
+            self.results = read_result_lines(self.output_dir / RESULTS_LINES)
+            if info["segment"].get("resume") and (self.output_dir / SUMMARY).exists():
+                previous = json.loads((self.output_dir / SUMMARY).read_text())
+                self.segments = previous.get("segments") or []
+            dump_json(self.output_dir / RUN_CONFIG, info["spec"])
+            dump_json(self.output_dir / METADATA, {"prompts": [self.prompts[i] for i in sorted(self.prompts)],
+                                                   "categories": _categories(self.prompts.values())})
+            self._lines = JsonLines(self.output_dir / RESULTS_LINES)
+        except Exception as error:
+            self.error = error
+            raise
 
     def on_result(self, result: dict[str, Any]) -> None:
-        index = int(result["index"])
+        index = int(result["id"])
         if index in self.results:
             return
-        prompt = self.prompts.get(index, {})
-        result = {"id": index, "category": prompt.get("category"), "subcategory": prompt.get("subcategory"), **result}
         self.results[index] = result
-        self._lines.write(json.dumps(result, ensure_ascii=False) + "\n")
-        self._lines.flush()
-        os.fsync(self._lines.fileno())
+        try:
+            self._lines.append(result)
+        except Exception as error:
+            self.error = error
+            raise
         if self.echo:
-            print(f"[{index}] {result['prompt']!r} -> {result['text']!r} ({result['finish_reason']})", file=sys.stderr)
+            print(f"[{index}] {result['prompt']!r} -> {result['text']!r} ({result['finish_reason']})",
+                  file=self.stream)
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self._lines is not None:
             self._lines.close()
+        if self.run_info is None or self.error is not None:
+            return
         ordered = [self.results[i] for i in sorted(self.results)]
-        dump_json(self.output_dir / RESULTS, ordered)
-        dump_json(self.output_dir / SUMMARY, self.summary_body(summary, ordered))
+        try:
+            dump_json(self.output_dir / RESULTS, ordered)
+            body = self.summary_body(summary, ordered)
+            dump_json(self.output_dir / SUMMARY, body)
+        except Exception as error:
+            self.error = error
+            raise
+        if body["complete"] and self.aside is not None:
+            drop_aside(self.output_dir)
+
+    def durable_problem(self) -> str | None:
+        if self.error is not None:
+            return f"writing failed: {self.error}"
+        missing = sorted(set(self.prompts) - set(self.results))
+        if self.summary is not None and self.summary.get("complete") and missing:
+            return f"{len(missing)} prompt(s) without a result: {missing[:10]}"
+        return None
 
     def summary_body(self, end: dict[str, Any], ordered: list[dict[str, Any]]) -> dict[str, Any]:
         info = self.run_info or {}
         expected = set(self.prompts)
         missing = sorted(expected - set(self.results))
         per_category = Counter(r.get("category") or "uncategorized" for r in ordered)
-        tokens = sum(len(r["tokens"]) for r in ordered)
         segments = self.segments + [{"run": info.get("run"), "tokens": end.get("tokens", 0),
                                      "seconds": end.get("seconds", 0.0)}]
         seconds = sum(s["seconds"] for s in segments)
+        complete = bool(end.get("complete")) and not missing and not self.shortfall_parts(engine=False)
         return {
-            "complete": bool(end.get("complete")) and not missing and self.complete,
+            "complete": complete,
             "engine_complete": bool(end.get("complete")),
-            "reason": end.get("reason"),
+            "reason": end.get("reason") or (None if complete else self.shortfall()),
             "prompts_total": len(expected),
             "prompts_done": len(expected) - len(missing),
             "missing_prompts": missing,
             "per_category": dict(per_category),
             "finish_reasons": dict(Counter(r["finish_reason"] for r in ordered)),
-            "tokens_generated": tokens,
+            "tokens_generated": sum(len(r["tokens"]) for r in ordered),
             "prompt_tokens": sum(len(r["prompt_tokens"]) for r in ordered),
             "tokens_per_second": sum(s["tokens"] for s in segments) / seconds if seconds else 0.0,
             "wall_seconds": seconds,
@@ -118,8 +155,14 @@ class ResultsWriter(Subscriber):
             "capture": info.get("capture"),
             "versions": info.get("versions"),
             "device": info.get("device"),
-            "stream": {"gaps": self.gaps, "missing": self.missing()},
+            "stream": {"gaps": self.gaps, "missing": self.missing(), "rejected": self.rejected},
+            "replaced_outputs": str(self.aside) if self.aside is not None and not complete else None,
         }
+
+    def close(self) -> None:
+        super().close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _categories(prompts) -> dict[str, dict[str, int]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import gemmalens
+import gemmalens.engine  # noqa: F401  the fast BLAS is set up before any test module imports MLX
 
 
 @pytest.fixture(scope="session")

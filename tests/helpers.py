@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-import gemmalens  # noqa: F401  (sets up the fast BLAS before MLX loads)
+import gemmalens.engine  # noqa: F401  (sets up the fast BLAS before MLX loads)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

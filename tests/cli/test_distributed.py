@@ -15,11 +15,11 @@ import zmq
 from helpers import load_json, random_weights, run_cli, tiny_config, tiny_generator, without_timings, write_hf_folder
 
 from gemmalens.engine.generation import GenerationConfig
-from gemmalens.engine.prompts import Prompt
+from gemmalens.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import publish_run, run_info
 from gemmalens.engine.sampling import SamplingParams
-from gemmalens.engine.security import CurveClient, CurveServer, create_keys
+from gemmalens.curve import CurveClient, CurveServer, create_keys
 from gemmalens.engine.selection import select
 from gemmalens.sinks.base import SinkError, Subscriber
 

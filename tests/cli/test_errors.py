@@ -54,7 +54,7 @@ def test_missing_prompts_file_says_how_to_make_one(tmp_path):
 
 
 def test_duplicate_prompts_are_warned_not_refused(tmp_path):
-    from gemmalens.engine.prompts import parse_prompts
+    from gemmalens.prompts import parse_prompts
 
     with pytest.warns(UserWarning, match=r"b\[0\] duplicates a\[0\]"):
         assert len(parse_prompts({"a": ["same"], "b": ["same"]})) == 2

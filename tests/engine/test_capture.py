@@ -7,7 +7,8 @@ import torch
 from helpers import hf_model, mlx_model, random_weights, relative_error, tiny_config, tiny_generator
 
 import gemmalens
-from gemmalens.engine.selection import LAYER_POINTS, MODEL_POINTS, HEAD_POINTS
+from gemmalens.engine.selection import axes_of, catalogue
+from gemmalens.prompts import Prompt
 
 POINTS = ["self_attn.q_proj_out", "mlp.gate_proj_out", "mlp.down_proj_out", "resid_out", "self_attn.attn_weights"]
 
@@ -81,16 +82,37 @@ def test_tiny_captures_equal_transformers_hooks_past_the_window():
     assert_rows_match(acts, rows, expected, names, 1e-5)
 
 
-def test_every_documented_point_is_captured_with_its_documented_rank():
+def test_every_catalogued_point_is_captured_and_every_captured_name_is_catalogued():
+    """Each point is declared once, beside its code: the catalogue and a forward pass agree on names and ranks."""
+    from gemmalens.engine.capture import Capture
+
     model, tokenizer = tiny_generator()
-    names = [n for n, _, _ in MODEL_POINTS + HEAD_POINTS] + [f"model.layers.1.{s}" for s, _, _ in LAYER_POINTS]
-    _, acts = gemmalens.run_with_capture(model, tokenizer, ["a short prompt", "and another one here"], names)
-    shapes = {n: s for n, s, _ in MODEL_POINTS + HEAD_POINTS}
-    shapes.update({f"model.layers.1.{s}": shape for s, shape, _ in LAYER_POINTS})
-    assert set(acts) == set(names)
-    for name, value in acts.items():
-        assert value.ndim == len(shapes[name].split(",")), name
-        assert value.shape[0] == 2
+    points = {n: shape for n, shape, _ in catalogue(model.config) if not n.startswith("generate.")}
+    ids, pad = tokenizer.pad_batch([tokenizer.encode("a short prompt"), tokenizer.encode("and another one here")])
+
+    class Everything(Capture):  # records every name the model passes, declared or not
+        def __init__(self):
+            super().__init__(())
+
+        def __call__(self, name, x):
+            self.values[name] = x
+            return x
+
+        def heads(self, name, x):
+            self.values[name] = x.transpose(0, 2, 1, 3)
+            return x
+
+        def wants(self, *names):
+            return True
+
+        def attention(self, name, x, slots, total):
+            self.values[name] = x
+
+    cap = Everything()
+    model(ids, pad, cap=cap)
+    assert set(cap.values) == set(points)
+    for name, value in cap.values.items():
+        assert value.ndim == len(axes_of(points[name])) and value.shape[0] == 2, name
 
 
 def test_decode_step_values_equal_a_full_forward_at_that_position(tmp_path):
@@ -127,13 +149,15 @@ def test_attention_capture_at_decode_steps_equals_a_full_forward(tmp_path):
 
 
 def step_events(model, tokenizer, prompts, patterns, positions="all", **config):
-    from gemmalens.engine.generation import ActivationEvent, GenerationConfig, generate
+    from gemmalens.engine.events import ActivationEvent
+    from gemmalens.engine.generation import GenerationConfig, generate
     from gemmalens.engine.sampling import SamplingParams
     from gemmalens.engine.selection import select
 
     config = GenerationConfig(sampling=SamplingParams(0, 1, None, 1), batch_size=len(prompts), **config)
     selection = select(model.config, patterns, [], positions=positions)
-    return [e for e in generate(model, tokenizer, prompts, config, selection) if isinstance(e, ActivationEvent)]
+    records = [Prompt(i, p) for i, p in enumerate(prompts)]
+    return [e for e in generate(model, tokenizer, records, config, selection) if isinstance(e, ActivationEvent)]
 
 
 def test_positions_last_publishes_the_prompts_last_entry_and_the_written_keys():
@@ -154,7 +178,7 @@ def test_positions_last_publishes_the_prompts_last_entry_and_the_written_keys():
         else:
             assert array.shape == expected[:, -1:].shape
             assert relative_error(array, expected[:, -1:]) < 1e-5
-        assert event.positions == [[width - 1 - p] for p in pad.tolist()] and dtype == "float32"
+        assert event.slot == width - 1 and event.pads == pad.tolist() and dtype == "float32"
 
 
 def test_capture_dtype_bfloat16_publishes_float32_values_rounded_to_bfloat16():
@@ -170,7 +194,7 @@ def test_capture_dtype_bfloat16_publishes_float32_values_rounded_to_bfloat16():
 
 
 def test_an_unknown_capture_dtype_is_refused_with_the_choices():
-    from gemmalens.engine.errors import ConfigError
+    from gemmalens.errors import ConfigError
     from gemmalens.engine.generation import GenerationConfig
 
     with pytest.raises(ConfigError, match="capture dtype must be one of float32, bfloat16, got 'float16'"):

@@ -3,7 +3,7 @@
 import pytest
 
 from gemmalens.engine.config import apply_overrides, config_from_gguf, config_from_hf
-from gemmalens.engine.errors import ConfigError
+from gemmalens.errors import ConfigError
 
 HF_270M = {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
            "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144, "sliding_window": 512,

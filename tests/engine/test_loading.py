@@ -11,7 +11,7 @@ import pytest
 from helpers import hf_logits, hf_model, random_weights, relative_error, tiny_config, write_hf_folder
 
 import gemmalens
-from gemmalens.engine.errors import CheckpointError, ConfigError
+from gemmalens.errors import CheckpointError, ConfigError
 from gemmalens.engine.loading import embedded_folder
 
 IDS = mx.array([list(range(3, 40))])

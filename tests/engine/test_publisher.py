@@ -1,6 +1,9 @@
-"""The bus: every frame reaches a subscriber in another process, gaps are detected, back-pressure works."""
+"""The bus: every frame reaches a subscriber in another process; the run's end is acknowledged; a lost or stalled
+sink is named and makes the run incomplete; back-pressure holds and stops still stop."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,15 +15,16 @@ import pytest
 import zmq
 from helpers import tiny_generator
 
-from gemmalens.engine.frames import message
-from gemmalens.engine.generation import ActivationEvent, GenerationConfig, StepEvent, generate
-from gemmalens.engine.prompts import Prompt
+from gemmalens.engine.events import ActivationEvent, StepEvent
+from gemmalens.engine.generation import GenerationConfig, generate
 from gemmalens.engine.publisher import Publisher, PublisherError
-from gemmalens.engine.run import publish_run, run_info
+from gemmalens.engine.run import serve
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
 from gemmalens.engine.transfer import StepValues, host_copier
+from gemmalens.prompts import Prompt
 from gemmalens.sinks.base import LossySubscriber, Subscriber
+from gemmalens.spec import RunSpec
 
 SUBSCRIBER = textwrap.dedent('''
     import json, sys, time
@@ -31,11 +35,10 @@ SUBSCRIBER = textwrap.dedent('''
             super().__init__(*args, **kwargs)
             self.delay, self.log = delay, []
 
-        def handle(self, parts):
-            super().handle(parts)
-            topic, header = parts[0].decode(), json.loads(parts[1])
-            body = json.loads(bytes(parts[2])) if topic == "tokens" else header
-            self.log.append((topic, header["seq"], body.get("batch"), body.get("step")))
+        def dispatch(self, frame):
+            super().dispatch(frame)
+            body = frame.body if frame.topic == "tokens" else frame.header
+            self.log.append((frame.topic, frame.header["seq"], body.get("batch"), body.get("step")))
 
         def on_activation(self, frame):
             time.sleep(self.delay)
@@ -44,15 +47,16 @@ SUBSCRIBER = textwrap.dedent('''
     complete = sink.run(timeout=120)
     json.dump({"complete": complete, "log": sink.log, "gaps": sink.gaps, "summary": sink.summary}, open(sys.argv[2], "w"))
 ''')
+PROMPTS = [Prompt(i, text) for i, text in enumerate(["one prompt", "a second prompt", "third"])]
 
 
-def small_run(publisher, max_tokens=4, capture=("model.layers.*.resid_out", "generate.*.sample.token")):
+def small_run(publisher, max_tokens=4, capture=("model.layers.*.resid_out", "generate.*.sample.token"),
+              should_stop=lambda: False):
     model, tokenizer = tiny_generator()
-    prompts = [Prompt(i, text) for i, text in enumerate(["one prompt", "a second prompt", "third"])]
-    config = GenerationConfig(max_tokens=max_tokens, sampling=SamplingParams(0.0, 1.0, None, 1.0), batch_size=2)
+    spec = RunSpec(max_tokens=max_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0, batch_size=2, seed=1,
+                   capture=capture)
     selection = select(model.config, list(capture))
-    return publish_run(model, tokenizer, prompts, config, selection, publisher,
-                       run_info(model, config, selection, prompts))
+    return serve(model, tokenizer, spec, PROMPTS, PROMPTS, selection, publisher, should_stop=should_stop)
 
 
 def start_subscriber(address, out, delay=0.0):
@@ -60,7 +64,7 @@ def start_subscriber(address, out, delay=0.0):
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_subscriber_in_another_process_receives_every_frame_in_order(tmp_path, transport):
+def test_subscriber_in_another_process_receives_every_frame_in_order_and_acknowledges(tmp_path, transport):
     address = "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp_path}/bus"
     publisher = Publisher(reliable=address, expect=1, sync_timeout=60)
     sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json")
@@ -68,12 +72,13 @@ def test_subscriber_in_another_process_receives_every_frame_in_order(tmp_path, t
     assert sink.wait(60) == 0
     received = json.loads((tmp_path / "out.json").read_text())
     assert received["complete"] and not received["gaps"] and totals["complete"]
+    assert totals["sinks"]["recorder"]["complete"] and totals["sinks"]["recorder"]["detail"] == "complete"
     by_topic = {}
     for topic, seq, *_ in received["log"]:
         by_topic.setdefault(topic, []).append(seq)
     assert all(seqs == list(range(len(seqs))) for seqs in by_topic.values())
-    assert {t: len(s) for t, s in by_topic.items() if t in totals["topics"]} == totals["topics"]
-    assert totals["topics"]["result"] == len(results) == 3
+    assert {t: len(s) for t, s in by_topic.items() if t in totals["topics"]} == totals["topics"]  # run.end counted
+    assert totals["topics"]["result"] == len(results) == 3 and totals["topics"]["run.end"] == 1
     assert totals["topics"]["act.model.layers.0.resid_out"] == 2 * 4  # two batches, four steps
 
 
@@ -83,7 +88,7 @@ def test_large_frames_compressed_on_the_pool_keep_their_place_before_the_steps_t
     monkeypatch.setattr(module, "INLINE_BYTES", 1024)  # the logits go to the pool, resid_out stays with the sender
     publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1, workers=3)
     sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json")
-    _, totals = small_run(publisher, capture=("model.logits", "model.layers.*.resid_out"))
+    small_run(publisher, capture=("model.logits", "model.layers.*.resid_out"))
     assert sink.wait(60) == 0
     received = json.loads((tmp_path / "out.json").read_text())
     assert received["complete"] and not received["gaps"]
@@ -95,38 +100,53 @@ def test_large_frames_compressed_on_the_pool_keep_their_place_before_the_steps_t
             assert {f for f in frames if f[1:] == (batch, step)} <= before
 
 
-def test_every_activation_header_names_the_rows_and_positions_of_its_own_step(tmp_path):
-    class Headers(Subscriber):
-        topics = ("act.",)
+class Collect(Subscriber):
+    topics = ("act.", "tokens")
 
-        def on_activation(self, frame):
-            received.append(frame.header)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.headers, self.tokens = [], []
 
-    received = []
+    def on_activation(self, frame):
+        self.headers.append(frame.header)
+
+    def on_tokens(self, frame):
+        self.tokens.append(frame.body)
+
+
+def in_thread(sink, **kwargs):
+    thread = threading.Thread(target=sink.run, kwargs={"timeout": 120, **kwargs}, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_headers_say_rows_slots_axes_and_liveness_and_tokens_count_the_steps_frames(tmp_path):
     publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
-    sink = Headers(publisher.endpoints["reliable"], name="headers")
-    receiving = threading.Thread(target=sink.run, kwargs={"timeout": 60})
-    receiving.start()
-    small_run(publisher)  # two batches (rows 0-1, then 2), four steps each, positions moving every step
+    sink = Collect(publisher.endpoints["reliable"], name="headers")
+    receiving = in_thread(sink)
+    small_run(publisher)  # two batches (rows 0-1, then 2), four steps each
     receiving.join(60)
     model, tokenizer = tiny_generator()
     config = GenerationConfig(max_tokens=4, sampling=SamplingParams(0.0, 1.0, None, 1.0), batch_size=2)
     selection = select(model.config, ["model.layers.*.resid_out", "generate.*.sample.token"])
-    expected = {(e.batch, e.step, e.name): {"prompts": e.indices, "positions": e.positions, "pads": e.pads}
-                for e in generate(model, tokenizer, ["one prompt", "a second prompt", "third"], config, selection)
+    expected = {(e.batch, e.step, e.name): e for e in generate(model, tokenizer, PROMPTS, config, selection)
                 if isinstance(e, ActivationEvent)}
-    assert sink.complete and len(received) == len(expected) == 2 * 4 * 5
-    for header in received:
-        assert {k: header[k] for k in ("prompts", "positions", "pads")} == expected[header["batch"], header["step"],
-                                                                                   header["name"]]
+    assert sink.complete and len(sink.headers) == len(expected) == 2 * 4 * 5
+    for header in sink.headers:
+        event = expected[header["batch"], header["step"], header["name"]]
+        assert (header["prompts"], header["pads"], header["live"], header["slot"], tuple(header["axes"])) == (
+            event.indices, event.pads, event.live, event.slot, event.axes)
+    for tokens in sink.tokens:
+        assert tokens["frames"] == sum(1 for h in sink.headers if (h["batch"], h["step"]) == (tokens["batch"],
+                                                                                              tokens["step"]))
 
 
 def step_events(step, names=("a", "b", "c")):
     """One step's activation events (two rows, one position each) and its tokens."""
     values = StepValues({name: mx.full((2, 1, 4), float(i)) for i, name in enumerate(names)}, host_copier())
     mx.eval(list(values.buffers.values()))
-    return ([ActivationEvent(0, step, name, [0, 1], [[5], [5]], values, [0, 0]) for name in names],
-            StepEvent(0, step, [0, 1], [7, 8], [5, 5]))
+    return ([ActivationEvent(0, step, name, ("batch", "seq", "hidden"), [0, 1], [0, 0], [True, True], 5, values)
+             for name in names], StepEvent(0, step, [0, 1], [7, 8], [5, 5], len(names)))
 
 
 def test_a_steps_frames_are_queued_with_its_tokens_and_count_toward_the_bound_one_by_one():
@@ -142,45 +162,103 @@ def test_a_steps_frames_are_queued_with_its_tokens_and_count_toward_the_bound_on
 
 
 def test_values_published_without_their_tokens_still_go_out_when_the_run_ends(tmp_path):
-    class Headers(Subscriber):
-        topics = ("act.",)
-
-        def on_activation(self, frame):
-            received.append((frame.header["name"], frame.body.tolist()))
-
-    received = []
     publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
-    sink = Headers(publisher.endpoints["reliable"], name="headers")
-    receiving = threading.Thread(target=sink.run, kwargs={"timeout": 60})
-    receiving.start()
-    publisher.start({})
+    sink = Collect(publisher.endpoints["reliable"], name="headers")
+    receiving = in_thread(sink)
+    publisher.wait_for_sinks()
+    publisher.start({"spec": {}, "prompts": [], "capture": {}, "engines": 1, "segment": {}})
     frames, _ = step_events(1)
     for event in frames:
         publisher.publish(event)
     totals = publisher.finish(False, "interrupted")  # stopped before the step's tokens
     receiving.join(60)
-    assert sink.complete and totals["topics"] == {"run.start": 1, "act.a": 1, "act.b": 1, "act.c": 1}
-    assert received == [(name, [[[float(i)] * 4]] * 2) for i, name in enumerate("abc")]
+    assert totals["topics"] == {"run.start": 1, "act.a": 1, "act.b": 1, "act.c": 1, "run.end": 1}
+    assert [h["name"] for h in sink.headers] == ["a", "b", "c"]
+    assert not sink.complete and sink.shortfall_parts(engine=False) == []  # it has all; the engine was stopped
 
 
-def test_a_missing_frame_is_detected_as_a_gap():
-    sink = Subscriber("inproc://nowhere", name="gapcheck")
-    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, {}))
-    sink.handle(message("result", {"kind": "result", "seq": 0}, {"index": 0}))
-    sink.handle(message("result", {"kind": "result", "seq": 2}, {"index": 2}))
-    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"topics": {"run.start": 1, "result": 3}}))
-    assert sink.gaps == ["result: expected seq 1, got 2"]
-    assert not sink.complete and sink.missing() == {"result": 1}
-    sink.close()
-
-
-def test_a_slow_archival_subscriber_still_receives_every_frame(tmp_path):
+def test_a_slow_archival_subscriber_receives_every_frame_and_the_engine_waits_for_its_ack(tmp_path):
+    """The engine must not leave before a slow sink has everything (it used to close after 5 s of linger)."""
     publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=1, high_water_mark=2, queue_size=2)
     sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json", delay=0.05)
     _, totals = small_run(publisher, max_tokens=6, capture=("model.layers.*.resid_out",))
+    assert totals["complete"] and totals["sinks"]["recorder"]["complete"]
+    assert sink.poll() is None or sink.returncode == 0  # the engine returned only after its ack
     assert sink.wait(120) == 0
     received = json.loads((tmp_path / "out.json").read_text())
     assert received["complete"] and totals["topics"]["act.model.layers.3.resid_out"] == 12
+
+
+def test_a_sink_killed_mid_run_is_named_and_the_run_is_incomplete(tmp_path):
+    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=1, high_water_mark=2, queue_size=2, reconnect_grace=1)
+    sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json", delay=0.05)
+    killer = threading.Thread(target=lambda: (time.sleep(3), sink.send_signal(signal.SIGKILL)))
+    killer.start()
+    _, totals = small_run(publisher, max_tokens=40, capture=("model.layers.*.resid_out",))
+    killer.join()
+    assert not totals["complete"] and "sink recorder disconnected" in totals["reason"]
+    assert totals["sinks"]["recorder"]["complete"] is False
+
+
+def test_a_stopped_sink_is_named_after_the_sink_timeout(tmp_path):
+    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=1, high_water_mark=2, queue_size=2, sink_timeout=3)
+    sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json", delay=0.01)
+    stopper = threading.Thread(target=lambda: (time.sleep(2), sink.send_signal(signal.SIGSTOP)))
+    stopper.start()
+    started = time.monotonic()
+    try:
+        _, totals = small_run(publisher, max_tokens=60, capture=("model.layers.*.resid_out",))
+    finally:
+        stopper.join()
+        sink.send_signal(signal.SIGCONT)
+        sink.kill()
+    assert not totals["complete"] and "sink recorder stopped answering" in totals["reason"]
+    assert time.monotonic() - started < 60
+
+
+def test_a_stop_request_ends_the_run_while_a_sink_is_stalled(tmp_path):
+    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=1, high_water_mark=2, queue_size=2)
+    sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json", delay=0.01)
+    stop, asked = threading.Event(), {}
+
+    def stall_then_stop():
+        time.sleep(2)
+        os.kill(sink.pid, signal.SIGSTOP)
+        time.sleep(1)
+        asked["at"] = time.monotonic()
+        stop.set()
+
+    threading.Thread(target=stall_then_stop).start()
+    try:
+        _, totals = small_run(publisher, max_tokens=200, capture=("model.layers.*.resid_out",),
+                              should_stop=stop.is_set)
+        returned = time.monotonic()
+    finally:
+        sink.send_signal(signal.SIGCONT)
+        sink.kill()
+    assert stop.is_set() and not totals["complete"] and "interrupted" in totals["reason"]
+    assert returned - asked["at"] < 5
+
+
+def test_a_subscriber_that_joins_after_the_run_started_never_claims_it(tmp_path):
+    publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
+    first = Collect(publisher.endpoints["reliable"], name="first")
+    in_thread(first)
+    joined = {}
+    original = publisher.publish
+
+    def publish(event):  # the late sink connects once the run is under way
+        if "thread" not in joined and isinstance(event, StepEvent):
+            joined["sink"] = Collect(publisher.endpoints["reliable"], name="late")
+            joined["thread"] = in_thread(joined["sink"])
+            time.sleep(0.5)
+        original(event)
+
+    publisher.publish = publish
+    _, totals = small_run(publisher)
+    joined["thread"].join(60)
+    assert totals["complete"] and first.complete and list(totals["sinks"]) == ["first"]
+    assert not joined["sink"].complete and "run.start missed" in joined["sink"].shortfall()
 
 
 def test_a_slow_lossy_subscriber_does_not_hold_the_engine_back():
@@ -194,8 +272,7 @@ def test_a_slow_lossy_subscriber_does_not_hold_the_engine_back():
             time.sleep(0.2)
 
     viewer = Slow("inproc://lossy-test", context=context)
-    thread = threading.Thread(target=lambda: viewer.run(timeout=60), daemon=True)
-    thread.start()
+    in_thread(viewer)
     time.sleep(0.2)
     _, totals = small_run(publisher, max_tokens=8, capture=("model.layers.*.resid_out",))
     sent = sum(n for t, n in totals["topics"].items() if t.startswith("act."))
@@ -203,9 +280,18 @@ def test_a_slow_lossy_subscriber_does_not_hold_the_engine_back():
 
 
 def test_the_engine_waits_for_expected_sinks_and_says_who_is_missing():
-    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=2, sync_timeout=0.5)
-    with pytest.raises(PublisherError, match=r"for 2 sink\(s\) on tcp://127\.0\.0\.1:\d+, 0 came"):
-        publisher.start({})
+    publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=2, expect_names=("npz",), sync_timeout=0.5)
+    with pytest.raises(PublisherError, match=r"for 2 sink\(s\) on tcp://127\.0\.0\.1:\d+, 0 came \(none\), not npz"):
+        publisher.wait_for_sinks()
+
+
+def test_a_busy_port_is_one_sentence():
+    first = Publisher(reliable="tcp://127.0.0.1:0")
+    try:
+        with pytest.raises(PublisherError, match="in use by another process"):
+            Publisher(reliable=first.endpoints["reliable"])
+    finally:
+        first.close()
 
 
 def test_a_reliable_sink_that_falls_behind_holds_the_engine_back_instead_of_buffering_without_bound():
@@ -219,8 +305,7 @@ def test_a_reliable_sink_that_falls_behind_holds_the_engine_back_instead_of_buff
             release.wait()
 
     sink = Stalled("inproc://behind-test", name="stalled", context=context)
-    reader = threading.Thread(target=lambda: sink.run(timeout=120), daemon=True)
-    reader.start()
+    reader = in_thread(sink)
     out = {}
     engine = threading.Thread(target=lambda: out.update(totals=small_run(publisher, max_tokens=4, capture=("*",))[1]))
     engine.start()

@@ -8,7 +8,7 @@ import pytest
 from helpers import tiny_generator
 
 import gemmalens
-from gemmalens.engine.errors import ConfigError
+from gemmalens.errors import ConfigError
 from gemmalens.engine.sampling import SamplingParams, gumbel_noise, penalize, sample, step_keys
 
 NOTHING_SEEN = mx.zeros((1, 4), dtype=mx.bool_)

@@ -3,7 +3,7 @@
 import pytest
 from helpers import tiny_config
 
-from gemmalens.engine.errors import SelectionError
+from gemmalens.errors import SelectionError
 from gemmalens.engine.selection import catalogue, parse_layers, select
 
 CONFIG = tiny_config()

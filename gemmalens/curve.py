@@ -8,8 +8,6 @@ and the engine's public key, and so refuses an engine it does not trust.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 
 import zmq
@@ -17,6 +15,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import ConfigError
+from .wire import is_loopback
+
 
 def create_keys(folder: str | Path, name: str) -> tuple[Path, Path]:
     """Writes a CURVE key pair; returns (public, secret) paths."""
@@ -57,7 +57,6 @@ class CurveServer:
         sock.curve_publickey = self.public
         sock.curve_server = True
 
-
     def close(self) -> None:
         if self.authenticator is not None:
             self.authenticator.stop()
@@ -75,52 +74,6 @@ class CurveClient:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_serverkey = self.server
-
-
-class AddressError(ConfigError):
-    """A bus address that ZeroMQ would refuse, or one this command cannot use."""
-
-
-_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]]+):(\*|\d{1,5})$")
-
-
-def check_address(address: str, option: str = "address") -> str:
-    """``address`` if it is a ZeroMQ endpoint gemmalens can use (``tcp://HOST:PORT``, ``ipc://PATH``,
-    ``inproc://NAME``); otherwise an ``AddressError`` saying what is wrong and what to write instead."""
-    text = address.strip()
-    scheme, found, rest = text.partition("://")
-    if not found:
-        hint = f"tcp://{text}" if re.fullmatch(r"[^:/]+:\d+", text) else "tcp://127.0.0.1:5555"
-        raise AddressError(f"{option} {address!r}: no transport; write it as {hint} (or ipc://PATH on one machine)")
-    if scheme == "tcp":
-        match = _TCP.match(text)
-        if not match:
-            raise AddressError(f"{option} {address!r}: expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555")
-        port = match.group(2)
-        if port != "*" and not 0 <= int(port) <= 65535:
-            raise AddressError(f"{option} {address!r}: port {port} is outside 0-65535")
-        return text
-    if scheme in ("ipc", "inproc"):
-        if not rest:
-            raise AddressError(f"{option} {address!r}: {scheme}:// needs a name, e.g. {scheme}:///tmp/gemmalens.bus")
-        return text
-    raise AddressError(f"{option} {address!r}: unsupported transport {scheme!r}; use tcp://, ipc:// or inproc://")
-
-
-def is_loopback(address: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// on a loopback host; False for any other transport or host."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = re.sub(r":[^:]*$", "", rest).strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # '*', an interface name or a host name: beyond loopback
 
 
 def check_exposure(addresses: list[str], curve, insecure: bool) -> None:

@@ -8,11 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import GemmalensError
-
-
-class PromptFileError(GemmalensError, ValueError):
-    """A prompts file is missing, not JSON, or not in one of the accepted shapes."""
+from .errors import PromptFileError
 
 
 @dataclass(frozen=True)
@@ -63,6 +59,9 @@ def parse_prompts(data: Any, where: str = "prompts") -> list[Prompt]:
                 problems.append(f"{where}: {spot}: expected a string, got {json.dumps(item)}")
             elif not item.strip():
                 problems.append(f"{where}: {spot}: empty prompt")
+            elif (bad := _invalid_unicode(item)) is not None:
+                problems.append(f"{where}: {spot}: not valid Unicode (a lone surrogate {item[bad]!r} at character "
+                                f"{bad}); fix the text or its escapes")
             else:
                 found.append((item, category, subcategory, spot))
 
@@ -91,6 +90,15 @@ def parse_prompts(data: Any, where: str = "prompts") -> list[Prompt]:
             warnings.warn(f"{where}: {spot} duplicates {seen[text]}", stacklevel=2)
         seen.setdefault(text, spot)
     return [Prompt(i, text, category, sub) for i, (text, category, sub, _) in enumerate(found)]
+
+
+def _invalid_unicode(text: str) -> int | None:
+    """The index of the first character that UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
