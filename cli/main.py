@@ -76,8 +76,9 @@ def _describe_exit(code: int) -> str:
 def _supervise(engines: dict[str, subprocess.Popen], sinks: dict[str, subprocess.Popen],
                viewers: list[subprocess.Popen]) -> int | None:
     """Waits for every process, forwarding Ctrl-C/SIGTERM to the engines (which end the run after the current
-    step; a second one stops everything at once). An engine that dies leaves its sinks nothing to wait for: they
-    are stopped. Returns the signal received, if any."""
+    step; a second one stops everything at once). An engine that fails ends the run: the other engines are
+    stopped, and once all have exited the sinks, which will get no more, finish what they have. Returns the
+    signal received, if any."""
     received: list[int] = []
 
     def forward(number, frame):
@@ -89,9 +90,15 @@ def _supervise(engines: dict[str, subprocess.Popen], sinks: dict[str, subprocess
 
     previous = {sig: signal.signal(sig, forward) for sig in EXIT_ON_SIGNAL}
     try:
+        stopping = False
         while any(p.poll() is None for p in engines.values()):
+            if not stopping and any(p.poll() not in (None, 0) for p in engines.values()):
+                stopping = True
+                for proc in engines.values():
+                    if proc.poll() is None:
+                        proc.terminate()
             time.sleep(0.1)
-        if any(p.returncode < 0 for p in engines.values()):  # killed: no run.end will come
+        if any(p.returncode != 0 for p in engines.values()):  # no more will come: the sinks keep what they have
             for proc in sinks.values():
                 if proc.poll() is None:
                     proc.terminate()

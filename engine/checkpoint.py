@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .config import Gemma3Config, config_from_gguf
 from gemmalens.errors import CheckpointError
+
+from .config import Gemma3Config, config_from_gguf
 
 # Text weights of the multimodal checkpoints, as the Hub files and newer transformers name them.
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")

@@ -26,7 +26,6 @@ from .selection import NO_SELECTION, Selection, sample_name
 from .tokenizer import Tokenizer
 from .transfer import StepValues, host_copier
 
-
 CAPACITY_STEP = 128
 CAPTURE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 

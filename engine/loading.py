@@ -20,9 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from gemmalens.errors import CheckpointError, ConfigError
+
 from .checkpoint import read_gguf, read_safetensors
 from .config import Gemma3Config, apply_overrides, config_from_hf
-from gemmalens.errors import CheckpointError, ConfigError
 from .model import Gemma3
 from .paths import cache_root
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf

@@ -108,7 +108,7 @@ def capture_estimate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[Prom
     warns and says how to narrow the capture."""
     lengths = [len(tokenizer.encode(p.text, config.chat)) for p in prompts]
     size = estimate_bytes(model.config, selection, lengths, config.max_tokens, config.batch_size)
-    points = len(selection.model_names) + len(selection.sample_names)
+    points = len(selection.model_names) + len(selection.names_for_step(1) - selection.model_names)
     line = (f"capture: at most {size / 1e9:.2f} GB before compression ({points} points, {len(prompts)} prompts, up "
             f"to {config.max_tokens} tokens each)")
     if size > WARN_BYTES:
@@ -117,15 +117,17 @@ def capture_estimate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[Prom
     return size, line
 
 
-def resume_plan(sinks: Sequence[Sink], spec: RunSpec, resume: bool) -> tuple[RunSpec, set[int]]:
+def resume_plan(sinks: Sequence[Sink], spec: RunSpec, resume: bool, run_id: str | None = None
+                ) -> tuple[RunSpec, set[int]]:
     """What the sinks' hellos mean for this run: the settings to use (a resumed run's seed comes from the run it
     continues) and the prompts to skip (those every sink holding the earlier run has done).
 
     A fresh run into a sink that holds an incomplete run is refused (``--resume`` continues it); a resumed run
-    with settings that change the outputs, or with no sink holding a run, is refused too."""
+    with settings that change the outputs, or with no sink holding a run, is refused too. A sink already in this
+    run (``run_id``: another engine of it started first) is never taken for an earlier, incomplete run."""
     holding = [s for s in sinks if (s.state or {}).get("run")]
     if not resume:
-        unfinished = [s for s in holding if not s.state.get("complete")]
+        unfinished = [s for s in holding if not s.state.get("complete") and s.state["run"] != run_id]
         if unfinished:
             s = unfinished[0]
             raise ConfigError(
@@ -155,7 +157,7 @@ def serve(model: Gemma3, tokenizer: Tokenizer, spec: RunSpec, prompts: Sequence[
     done) and publishes it. Returns the results and the ``run.end`` totals (with every sink's acknowledgement).
     """
     sinks = publisher.wait_for_sinks(should_stop)
-    spec, skip = resume_plan(sinks, spec, resume)
+    spec, skip = resume_plan(sinks, spec, resume, publisher.run_id)
     config = generation_config(spec)
     todo = [p for p in share if p.index not in skip]
     segment = {"resume": resume, "skipped": sorted(skip)}

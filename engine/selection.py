@@ -19,7 +19,7 @@ from gemmalens.wire import SAMPLE_TEMPLATE
 
 from . import sampling
 from .config import Gemma3Config
-from .model import Attention, Gemma3, MLP, TransformerBlock
+from .model import MLP, Attention, Gemma3, TransformerBlock
 
 # Dimension letters of the declared shapes and the axis names frames carry (docs/protocol.md).
 AXIS_NAMES = {"B": "batch", "S": "seq", "1": "seq", "E": "hidden", "F": "intermediate", "H": "heads",
@@ -99,25 +99,29 @@ def parse_layers(spec: str | None, num_layers: int) -> set[int] | None:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which points are captured (model names, and sampling values by name) and at which positions."""
+    """Which points are captured (model names; sampling values by the patterns that choose them, per step) and
+    at which positions."""
 
     model_names: frozenset[str]
-    sample_names: frozenset[str]  # the values of sampling.POINTS captured at every step
+    sample_patterns: tuple[str, ...]
+    sample_exclude: tuple[str, ...]
     positions: str
-    axes: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)  # model and sampling names
+    axes: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)  # model names and templates
 
     def __bool__(self) -> bool:
-        return bool(self.model_names or self.sample_names)
+        return bool(self.model_names or self.sample_patterns)
 
     def to_dict(self) -> dict:
         """The selection as ``run.start`` carries it."""
-        return {"names": sorted(self.model_names), "sampling": sorted(self.sample_names), "positions": self.positions}
+        return {"names": sorted(self.model_names), "sampling": list(self.sample_patterns),
+                "sampling_excluded": list(self.sample_exclude), "positions": self.positions}
 
     def names_for_step(self, step: int) -> set[str]:
         """Concrete names to capture at one step (model points plus that step's sampling values)."""
         if self.positions == "prompt" and step > 0:
             return set()
-        samples = {sample_name(step, n) for n in self.sample_names}
+        samples = {sample_name(step, value) for value, _, _ in sampling.POINTS
+                   if _chooses(self.sample_patterns, step, value) and not _chooses(self.sample_exclude, step, value)}
         if self.positions == "generated" and step == 0:
             return samples
         return set(self.model_names) | samples
@@ -129,7 +133,13 @@ class Selection:
         return self.axes[name]
 
 
-NO_SELECTION = Selection(frozenset(), frozenset(), "all")
+def _chooses(patterns: tuple[str, ...], step: int, value: str) -> bool:
+    """Whether a pattern names this step's sampling value: as the template (every step) or as this step's name."""
+    return any(fnmatch.fnmatchcase(SAMPLE_TEMPLATE + value, p) or fnmatch.fnmatchcase(sample_name(step, value), p)
+               for p in patterns)
+
+
+NO_SELECTION = Selection(frozenset(), (), (), "all")
 
 
 def select(
@@ -141,8 +151,8 @@ def select(
 ) -> Selection:
     """Resolves patterns against the model's points; errors name the pattern and near names.
 
-    A sampling value matches a pattern as its template (``generate.step_{k}.sample.token``) or as any one
-    step's name (``generate.step_3.sample.token``); either way it is captured at every step."""
+    A sampling value matches a pattern as its template (``generate.step_{k}.sample.token``: every step) or as
+    a step's name (``generate.step_3.sample.token``: that step; ``generate.step_*.sample.token``: every step)."""
     if positions not in POSITIONS:
         raise SelectionError(f"positions {positions!r}: expected one of {', '.join(POSITIONS)}")
     wanted_layers = parse_layers(layers, config.num_hidden_layers)
@@ -150,33 +160,28 @@ def select(
         return NO_SELECTION
     points = catalogue(config)
     model_points = [name for name, _, _ in points if not name.startswith("generate.")]
-    sample_points = {name: name[len(SAMPLE_TEMPLATE):] for name, _, _ in points if name.startswith("generate.")}
-
-    def sample_hits(pattern: str) -> set[str]:
-        return {value for template, value in sample_points.items()
-                if fnmatch.fnmatchcase(template, pattern) or fnmatch.fnmatchcase(sample_name(0, value), pattern)
-                or _names_some_step(pattern, value)}
-
+    templates = [name for name, _, _ in points if name.startswith("generate.")]
     chosen: set[str] = set()
-    samples: set[str] = set()
+    sample_patterns: list[str] = []
     for pattern in include:
-        hits, sample_hit = [n for n in model_points if fnmatch.fnmatchcase(n, pattern)], sample_hits(pattern)
+        hits = [n for n in model_points if fnmatch.fnmatchcase(n, pattern)]
+        sample_hit = any(fnmatch.fnmatchcase(t, pattern) or fnmatch.fnmatchcase(t.replace("{k}", "0"), pattern)
+                         or _names_some_step(pattern, t[len(SAMPLE_TEMPLATE):]) for t in templates)
         if not hits and not sample_hit:
-            near = difflib.get_close_matches(pattern, model_points + list(sample_points), n=5, cutoff=0.4)
+            near = difflib.get_close_matches(pattern, model_points + templates, n=5, cutoff=0.4)
             raise SelectionError(
                 f"capture pattern {pattern!r} matches no capture point"
                 + (f"; nearest names: {', '.join(near)}" if near else "")
                 + " (`gemmalens names` lists them all)"
             )
         chosen.update(hits)
-        samples |= sample_hit
-    for pattern in exclude:
-        chosen = {n for n in chosen if not fnmatch.fnmatchcase(n, pattern)}
-        samples -= sample_hits(pattern)
+        if sample_hit:
+            sample_patterns.append(pattern)
+    chosen = {n for n in chosen if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
     if wanted_layers is not None:
         chosen = {n for n in chosen if _layer_of(n) is None or _layer_of(n) in wanted_layers}
     axes = {name: axes_of(shape) for name, shape, _ in points}
-    return Selection(frozenset(chosen), frozenset(samples), positions, axes)
+    return Selection(frozenset(chosen), tuple(sample_patterns), tuple(exclude), positions, axes)
 
 
 def _names_some_step(pattern: str, value: str) -> bool:

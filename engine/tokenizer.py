@@ -177,7 +177,8 @@ def tokenizer_from_gguf(tokens: Sequence[str], token_types: Sequence[int], folde
     (Gemma's scores do not follow its merge order; the order of the file does),
     pieces of several spaces spelled with ``▁`` as the merges expect.
     """
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
     from tokenizers.models import BPE
 
     spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]

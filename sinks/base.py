@@ -68,6 +68,10 @@ class Subscriber:
         self.socket.setsockopt(zmq.RCVHWM, RELIABLE_HWM if self.reliable else 1000)
         self.socket.setsockopt(zmq.LINGER, 1000 if self.reliable else 0)  # the ack gets a second to leave
         self.socket.setsockopt(zmq.MAXMSGSIZE, limits.message_bytes)
+        # Pings answered by the engine's I/O thread even while the data flow is held back: an engine that died or
+        # was stopped drops its link within HEARTBEAT_TIMEOUT.
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         if curve is not None:
             curve.connect(self.socket)
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
@@ -91,8 +95,7 @@ class Subscriber:
         self.summary: dict[str, Any] | None = None
         self.aborted: str | None = None
         self.late = False  # messages of a run arrived before its run.start: it began before we subscribed
-        self.connected = 0  # engine connections up now
-        self.gone_since: float | None = None  # when the last engine connection went down mid-run
+        self.down_since: dict[str, float] = {}  # engine links that went down (by endpoint), since when
         self.handshake_failures: list[str] = []
         self.stop_requested = False  # set from another thread: run() ends within a second, incomplete
         self._alive = 0.0
@@ -199,8 +202,8 @@ class Subscriber:
                     waits.append(last + idle_timeout - now)
                 if deadline is not None:
                     waits.append(deadline - now)
-                if self.gone_since is not None:
-                    waits.append(self.gone_since + self.engine_timeout - now)
+                if self.down_since:
+                    waits.append(min(self.down_since.values()) + self.engine_timeout - now)
                 ready = dict(poller.poll(int(max(0.0, min(waits)) * 1000)))
                 if self.monitor in ready:
                     self._read_monitor()
@@ -212,9 +215,10 @@ class Subscriber:
                     self.abort("stopped")
                     break
                 now = time.monotonic()
-                if self.gone_since is not None and now - self.gone_since >= self.engine_timeout:
-                    self.abort(f"the engine at {', '.join(self.addresses)} went away mid-run and did not come back "
-                               f"within {self.engine_timeout:.0f} s")
+                gone = [e for e, since in self.down_since.items() if now - since >= self.engine_timeout]
+                if gone and self.run_info is not None:
+                    self.abort(f"the engine at {', '.join(gone)} went away mid-run (killed or stopped) and did not "
+                               f"come back within {self.engine_timeout:.0f} s")
                     break
                 if self.socket in ready:
                     continue
@@ -245,14 +249,11 @@ class Subscriber:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind = event["event"]
+            kind, endpoint = event["event"], event["endpoint"].decode(errors="replace")
             if kind == zmq.EVENT_CONNECTED:
-                self.connected += 1
-                self.gone_since = None
+                self.down_since.pop(endpoint, None)
             elif kind == zmq.EVENT_DISCONNECTED:
-                self.connected = max(0, self.connected - 1)
-                if self.connected == 0 and self.run_info is not None and self.summary is None:
-                    self.gone_since = time.monotonic()
+                self.down_since.setdefault(endpoint, time.monotonic())
             else:
                 self.handshake_failures.append({zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused",
                                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error"}.get(
@@ -293,7 +294,10 @@ class Subscriber:
         head, kind = frame.header, frame.header["kind"]
         if kind == "welcome":
             if self.reliable:
-                self._upstream(wire.hello(self.name, self.instance, self.state()))
+                state = self.state()
+                if self.run_id is not None and self.summary is None:  # what the folder holds is this run's
+                    state = {**state, "run": self.run_id, "complete": False}
+                self._upstream(wire.hello(self.name, self.instance, state))
             return
         if kind == "run_start":
             self._start(frame)
@@ -331,7 +335,6 @@ class Subscriber:
             return
         self.run_id, self.run_info = head["run"], frame.body
         self.expected_seq, self.received, self.gaps, self.ends, self.late = {}, {}, [], {}, False
-        self.gone_since = None
         self.count(frame.topic, head)
         self.on_run_start(frame.body)
 

@@ -153,7 +153,9 @@ class NpzArchiver(Subscriber):
             return
         self.index["complete"] = bool(summary.get("complete")) and not self.open and not self.errors
         self._write_index()  # the batches whose files all reached the disk
-        if self.index["complete"] and self.aside is not None:
+        if self.errors and not self.aborted:  # a failed write fails the sink (an aborting one is failing already)
+            raise self.errors[0]
+        if self.index["complete"]:  # an earlier run's files kept aside (by this segment or an earlier one) go
             drop_aside(self.directory)
 
     def durable_problem(self) -> str | None:

@@ -11,12 +11,11 @@ docs/outputs.md.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from gemmalens.files import FolderLock, JsonLines, drop_aside, dump_json, read_json_lines, set_aside
+from gemmalens.files import ASIDE, FolderLock, JsonLines, drop_aside, dump_json, read_json_lines, set_aside
 from gemmalens.spec import RUN_CONFIG
 
 from .base import Subscriber
@@ -115,7 +114,7 @@ class ResultsWriter(Subscriber):
         except Exception as error:
             self.error = error
             raise
-        if body["complete"] and self.aside is not None:
+        if body["complete"]:  # an earlier run's files kept aside (by this segment or an earlier one) go
             drop_aside(self.output_dir)
 
     def durable_problem(self) -> str | None:
@@ -156,7 +155,8 @@ class ResultsWriter(Subscriber):
             "versions": info.get("versions"),
             "device": info.get("device"),
             "stream": {"gaps": self.gaps, "missing": self.missing(), "rejected": self.rejected},
-            "replaced_outputs": str(self.aside) if self.aside is not None and not complete else None,
+            "replaced_outputs": (str(self.output_dir / ASIDE) if (self.output_dir / ASIDE).exists() and not complete
+                                 else None),
         }
 
     def close(self) -> None:

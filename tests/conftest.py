@@ -27,3 +27,12 @@ def hf_reference():
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Gemma 3 with the real vocabulary, as a Hugging Face folder: fast command-line runs."""
+    from helpers import random_weights, tiny_config, write_hf_folder
+
+    config = tiny_config(vocab_size=262144)
+    return write_hf_folder(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config))

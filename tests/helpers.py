@@ -126,3 +126,61 @@ def load_json(path):
 
 def without_timings(results):
     return [{k: v for k, v in r.items() if k != "timings"} for r in results]
+
+
+class Engine:
+    """Builds protocol-v2 messages as an engine would (sequence numbers per topic, counts in run.end): sinks'
+    tests feed them to ``Subscriber.handle``."""
+
+    def __init__(self, run: str = "run1", engine: str = "0"):
+        from collections import Counter
+
+        self.run, self.engine, self.counts = run, engine, Counter()
+
+    def _message(self, topic: str, kind: str, body=None, **fields):
+        from gemmalens import wire
+
+        head = wire.header(topic, kind, self.run, self.engine, self.counts[topic], **fields)
+        self.counts[topic] += 1
+        return wire.message(topic, head, body)
+
+    def run_start(self, prompts=(), resume: bool = False, spec=None, engines: int = 1):
+        return self._message("run.start", "run_start", {
+            "run": self.run, "spec": spec or {}, "prompts": [{"index": i, "text": f"prompt {i}", "category": None,
+                                                              "subcategory": None} for i in prompts],
+            "capture": {}, "engines": engines, "segment": {"resume": resume, "skipped": []}})
+
+    def activation(self, batch, step, name, array, dtype=None, slot=0, pads=None, prompts=None, codec="lz4",
+                   axes=None):
+        import json
+
+        from gemmalens import wire
+
+        rows = array.shape[0]
+        topic = wire.activation_topic(name)
+        head = wire.header(topic, "activation", self.run, self.engine, self.counts[topic], batch=batch, step=step,
+                           name=name, dtype=dtype or str(array.dtype), shape=list(array.shape),
+                           axes=axes or ["batch", "seq"] + ["hidden"] * (array.ndim - 2), codec=codec,
+                           nbytes=array.nbytes, slot=slot)
+        head.update(prompts=prompts or list(range(batch, batch + rows)), pads=pads or [0] * rows, live=[True] * rows)
+        self.counts[topic] += 1
+        return [topic.encode(), json.dumps(head).encode(), wire.encode_array(array, codec)]
+
+    def tokens(self, batch, step, prompts, tokens, frames):
+        return self._message("tokens", "tokens", {"batch": batch, "step": step, "prompts": list(prompts),
+                                                  "tokens": list(tokens), "positions": [step] * len(prompts),
+                                                  "frames": frames})
+
+    def result(self, index, tokens=(5,)):
+        return self._message("result", "result", {"id": index, "index": index, "prompt": f"prompt {index}",
+                                                  "tokens": list(tokens), "text": "x", "finish_reason": "length",
+                                                  "prompt_tokens": [2], "category": None, "subcategory": None})
+
+    def batch_end(self, batch, prompts, steps):
+        return self._message("batch.end", "batch_end", {"batch": batch, "prompts": list(prompts), "steps": steps})
+
+    def run_end(self, complete: bool = True, reason=None):
+        self.counts["run.end"] += 1
+        topics = dict(self.counts)
+        self.counts["run.end"] -= 1
+        return self._message("run.end", "run_end", {"complete": complete, "reason": reason, "topics": topics})

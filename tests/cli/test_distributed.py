@@ -12,25 +12,18 @@ import uuid
 import psutil
 import pytest
 import zmq
-from helpers import load_json, random_weights, run_cli, tiny_config, tiny_generator, without_timings, write_hf_folder
+from helpers import load_json, run_cli, tiny_generator, without_timings
 
-from gemmalens.engine.generation import GenerationConfig
-from gemmalens.prompts import Prompt
-from gemmalens.engine.publisher import Publisher
-from gemmalens.engine.run import publish_run, run_info
-from gemmalens.engine.sampling import SamplingParams
 from gemmalens.curve import CurveClient, CurveServer, create_keys
+from gemmalens.engine.publisher import Publisher
+from gemmalens.engine.run import serve
 from gemmalens.engine.selection import select
+from gemmalens.prompts import Prompt
 from gemmalens.sinks.base import SinkError, Subscriber
+from gemmalens.spec import RunSpec
 
 RUN = ["--max-tokens", 40, "--batch-size", 2, "--seed", 3, "--temperature", 0.9, "--save-activations",
        "--capture", "model.layers.*.resid_out", "--capture", "generate.*.sample.token"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    config = tiny_config(vocab_size=262144)
-    return write_hf_folder(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config))
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +141,12 @@ def curve_run(tmp_path, client_secret, server_public, expect_known=True):
     thread.start()
     model, tokenizer = tiny_generator()
     prompts = [Prompt(0, "secret prompt")]
-    config = GenerationConfig(max_tokens=3, sampling=SamplingParams(0, 1, None, 1), batch_size=1)
+    spec = RunSpec(max_tokens=3, temperature=0, top_p=1, repetition_penalty=1, batch_size=1, seed=1,
+                   capture=("model.layers.0.resid_out",))
     selection = select(model.config, ["model.layers.0.resid_out"])
     if not expect_known:
         time.sleep(1)
-    publish_run(model, tokenizer, prompts, config, selection, publisher, run_info(model, config, selection, prompts))
+    serve(model, tokenizer, spec, prompts, prompts, selection, publisher)
     thread.join()
     context.term()
     return received, outcome
@@ -168,7 +162,7 @@ def test_curve_known_sink_receives_everything_unknown_receives_nothing(tmp_path)
     received, outcome = curve_run(tmp_path, keys / "known.key_secret", keys / "engine.key")
     assert outcome == {"complete": True} and b"run.end" in received and b"act.model.layers.0.resid_out" in received
     received, outcome = curve_run(tmp_path, keys / "stranger.key_secret", keys / "engine.key", expect_known=False)
-    assert received == [] and "no message" in outcome["error"]
+    assert received == [] and "no message" in outcome["error"] and "handshake" in outcome["error"]
 
 
 def test_a_sink_refuses_an_engine_it_does_not_trust(tmp_path):

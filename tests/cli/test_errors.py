@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import load_json, run_cli
+from helpers import run_cli
 
 from gemmalens.cli.main import safe_folder_name
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from helpers import load_json, random_weights, run_cli, tiny_config, without_timings, write_hf_folder
+from helpers import load_json, run_cli, without_timings
 
 SUBSCRIBER = '''
 import json
@@ -33,12 +33,6 @@ class Counter(Subscriber):
         json.dump({"results": self.results, "frames": self.frames, "complete": self.complete,
                    "codecs": sorted(self.codecs)}, open("counted.json", "w"))
 '''
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    config = tiny_config(vocab_size=262144)
-    return write_hf_folder(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config))
 
 
 def free_port():

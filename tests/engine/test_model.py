@@ -1,5 +1,7 @@
 """The model against transformers' Gemma3ForCausalLM on tiny random configs covering what 270M does not."""
 
+import gc
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -117,11 +119,16 @@ def test_joined_projections_give_the_same_logits_hold_the_weights_once_and_follo
     model = mlx_model(config, weights)
     ids = mx.array([list(range(3, 20))])
     before = np.array(model(ids))
+    gc.collect()  # arrays of earlier tests freed now, not while this one measures
     held = mx.get_active_memory()
+    joined = 0
     for _, module in model.named_modules():  # keep_derived joins them on a GPU only
         if isinstance(module, (Attention, MLP)):
             mx.eval(module.fused.keep(module))
-    assert mx.get_active_memory() == held  # each projection's weight is now a view into its joined weight
+            joined += module.fused.kept[1].nbytes
+    gc.collect()
+    # each projection's weight is now a view into its joined weight: no copy (MLX's own bookkeeping moves by bytes)
+    assert abs(mx.get_active_memory() - held) < joined / 100
     assert model.model.layers[0].mlp.fused.kept is not None
     assert relative_error(np.array(model(ids)), before) < 1e-6  # one product instead of three: rounding only
     assert np.array_equal(np.array(model.model.layers[1].self_attn.k_proj.weight),

@@ -1,16 +1,18 @@
-"""The npz archiver: files readable with plain numpy, incomplete batches left out of the index."""
+"""The npz archiver: files readable with plain numpy, a step whole only with every frame its tokens count, batches
+indexed only when whole and durable, an earlier run kept aside until the new one is complete."""
 
+import json
 import threading
 import time
 import zipfile
 
 import numpy as np
 import pytest
-from helpers import tiny_generator
+from helpers import Engine, tiny_generator
 
 import gemmalens
-from gemmalens.engine.frames import message
-from gemmalens.sinks.npz import INDEX, NpzArchiver
+from gemmalens.files import WriteError
+from gemmalens.sinks.npz import INDEX, NpzArchiver, folder_state
 
 
 def test_files_say_which_prompts_positions_and_tokens_their_rows_are(tmp_path):
@@ -27,66 +29,55 @@ def test_files_say_which_prompts_positions_and_tokens_their_rows_are(tmp_path):
     with np.load(tmp_path / "activations_step_2_batch_0.npz") as step2:
         assert step2["model.layers.0.resid_out"].shape == (2, 1, 64)
         assert step2["model.layers.0.resid_out.positions"][:, 0].tolist() == [len(r.prompt_tokens) + 1 for r in results]
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert index["complete"] and index["axes"]["model.layers.0.resid_out"] == ["batch", "seq", "hidden"]
 
 
-def activation(batch, step, name, seq, array=None, dtype="float32"):
-    """One row's activation frame (prompt ``batch``), by default a single float32 zero."""
-    array = np.zeros((1, 1), np.float32) if array is None else array
-    header = {"kind": "activation", "seq": seq, "batch": batch, "step": step, "name": name, "prompts": [batch],
-              "positions": [list(range(array.shape[1]))], "pads": [0], "dtype": dtype, "shape": list(array.shape),
-              "codec": "raw"}
-    return message(f"act.{name}", header, array.tobytes())
+def finished_batch(sink, engine, batch, array, dtype="float32", steps=1, names=("a",), drop=()):
+    """Batch ``batch`` (one prompt, also numbered ``batch``) sends ``array`` under each name at each step, less
+    the (step, name) pairs in ``drop`` (lost on the way); its tokens count every frame sent."""
+    for step in range(steps):
+        for name in names:
+            message = engine.activation(batch, step, name, array, dtype)
+            if (step, name) not in drop:
+                sink.handle(message)
+        sink.handle(engine.tokens(batch, step, [batch], [7], len(names)))
+    sink.handle(engine.batch_end(batch, [batch], steps))
 
 
 def test_a_batch_with_a_lost_frame_is_not_indexed(tmp_path):
-    sink = NpzArchiver("inproc://unused-npz", tmp_path)
-    info = {"capture": {"names": ["a", "b"], "sample_patterns": [], "exclude": [], "positions": "all"}, "prompts": []}
-    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, info))
-    sink.handle(activation(0, 0, "a", 0))  # "b" of step 0 never arrives
-    sink.handle(message("tokens", {"kind": "tokens", "seq": 0}, {"batch": 0, "step": 0, "prompts": [0], "tokens": [5]}))
-    sink.handle(message("batch.end", {"kind": "batch_end", "seq": 0}, {"batch": 0, "prompts": [0], "steps": 1}))
-    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    engine, sink = Engine(), NpzArchiver("inproc://unused-npz", tmp_path)
+    sink.handle(engine.run_start([0, 1]))
+    finished_batch(sink, engine, 0, np.zeros((1, 1), np.float32), names=("a", "b"))
+    finished_batch(sink, engine, 1, np.zeros((1, 1), np.float32), names=("a", "b"), drop={(0, "b")})
+    sink.handle(engine.run_end())
     sink.close()
-    assert (tmp_path / "activations_step_0_batch_0.npz").exists()
-    assert gemmalens.open_activations(tmp_path).prompts == []
-    assert (tmp_path / INDEX).exists()
+    assert gemmalens.open_activations(tmp_path).prompts == [0]
+    assert not sink.complete and "missing 1 act.b" in sink.shortfall() and "not whole" in sink.shortfall()
+    assert json.loads((tmp_path / INDEX).read_text())["complete"] is False
 
 
 def test_frames_of_one_step_keep_their_own_positions(tmp_path):
-    sink = NpzArchiver("inproc://unused-npz", tmp_path)
-    info = {"capture": {"names": ["a", "b", "c"], "sample_patterns": [], "exclude": [], "positions": "all"},
-            "prompts": []}
-    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, info))
-    for seq, (name, width) in enumerate([("a", 3), ("b", 1), ("c", 3)]):  # b's positions differ from a's and c's
-        sink.handle(activation(0, 0, name, seq, np.zeros((1, width), np.float32)))
-    sink.handle(message("tokens", {"kind": "tokens", "seq": 0}, {"batch": 0, "step": 0, "prompts": [0], "tokens": [5]}))
-    sink.handle(message("batch.end", {"kind": "batch_end", "seq": 0}, {"batch": 0, "prompts": [0], "steps": 1}))
-    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    engine, sink = Engine(), NpzArchiver("inproc://unused-npz", tmp_path)
+    sink.handle(engine.run_start([0]))
+    for name, width, slot in [("a", 3, 0), ("b", 1, 2), ("c", 3, 0)]:  # b's positions differ from a's and c's
+        sink.handle(engine.activation(0, 0, name, np.zeros((1, width), np.float32), slot=slot))
+    sink.handle(engine.tokens(0, 0, [0], [5], 3))
+    sink.handle(engine.batch_end(0, [0], 1))
+    sink.handle(engine.run_end())
     sink.close()
     with np.load(tmp_path / "activations_step_0_batch_0.npz") as step0:
-        assert [step0[f"{name}.positions"].tolist() for name in "abc"] == [[[0, 1, 2]], [[0]], [[0, 1, 2]]]
-
-
-RUN_START = {"capture": {"names": ["a"], "sample_patterns": [], "exclude": [], "positions": "all"}, "prompts": []}
-
-
-def finished_batch(sink, batch, array, dtype="float32", seq=0, steps=1):
-    """Batch ``batch`` (one prompt, also numbered ``batch``) sends ``array`` as "a" at each of ``steps`` steps."""
-    for step in range(steps):
-        sink.handle(activation(batch, step, "a", seq + step, array, dtype))
-        sink.handle(message("tokens", {"kind": "tokens", "seq": seq + step},
-                            {"batch": batch, "step": step, "prompts": [batch], "tokens": [7]}))
-    sink.handle(message("batch.end", {"kind": "batch_end", "seq": seq},
-                        {"batch": batch, "prompts": [batch], "steps": steps}))
+        assert [step0[f"{name}.positions"].tolist() for name in "abc"] == [[[0, 1, 2]], [[2]], [[0, 1, 2]]]
+    assert sink.complete
 
 
 def test_bfloat16_frames_are_stored_as_the_exact_float32_values(tmp_path):
     values = np.array([1.0, -2.5, 3.140625, 2.0 ** -60, -0.0, 65280.0], np.float32).reshape(1, 2, 3)  # all exact in bf16
     bits = (values.view(np.uint32) >> 16).astype(np.uint16)
-    sink = NpzArchiver("inproc://unused-npz", tmp_path, compress=True, writers=2)
-    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
-    finished_batch(sink, 0, bits, dtype="bfloat16")
-    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    engine, sink = Engine(), NpzArchiver("inproc://unused-npz", tmp_path, compress=True, writers=2)
+    sink.handle(engine.run_start([0]))
+    finished_batch(sink, engine, 0, bits, dtype="bfloat16")
+    sink.handle(engine.run_end())
     sink.close()
     step0 = tmp_path / "activations_step_0_batch_0.npz"
     assert all(entry.compress_type == zipfile.ZIP_DEFLATED for entry in zipfile.ZipFile(step0).infolist())
@@ -106,9 +97,9 @@ def test_the_receiver_waits_once_the_writers_are_a_backlog_behind(tmp_path, monk
 
     write_npz = npzsteps.write_npz
     monkeypatch.setattr(npzsteps, "write_npz", stalled_write)
-    sink = NpzArchiver("inproc://unused-npz", tmp_path, writers=1)  # backlog: 2 steps
-    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
-    receiving = threading.Thread(target=finished_batch, args=(sink, 0, np.ones((1, 2, 3), np.float32)),
+    engine, sink = Engine(), NpzArchiver("inproc://unused-npz", tmp_path, writers=1)  # backlog: 2 steps
+    sink.handle(engine.run_start([0]))
+    receiving = threading.Thread(target=finished_batch, args=(sink, engine, 0, np.ones((1, 2, 3), np.float32)),
                                  kwargs={"steps": 4})
     receiving.start()
     time.sleep(0.5)
@@ -116,23 +107,36 @@ def test_the_receiver_waits_once_the_writers_are_a_backlog_behind(tmp_path, monk
     release.set()
     receiving.join(10)
     assert handed_over == sink.files.backlog + 1  # two steps waiting, the third's hand-over waits for the first
-    sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    sink.handle(engine.run_end())
     sink.close()
     assert len(gemmalens.open_activations(tmp_path).get("a")[0]) == 4
 
 
-def test_a_failed_write_stops_the_sink_and_keeps_the_batches_already_indexed(tmp_path):
-    sink = NpzArchiver("inproc://unused-npz", tmp_path, writers=2)
-    sink.handle(message("run.start", {"kind": "run_start", "seq": 0}, RUN_START))
-    finished_batch(sink, 0, np.ones((1, 2, 3), np.float32))
-    (tmp_path / ".activations_step_0_batch_1.npz.partial").mkdir()  # batch 1's file cannot be created
-    with pytest.raises(IsADirectoryError):  # raised as soon as the archiver learns of it, at the latest at run.end
-        finished_batch(sink, 1, np.ones((1, 2, 3), np.float32), seq=1)
-        sink.handle(message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+def test_a_failed_write_stops_the_sink_naming_the_file_and_keeps_the_batches_already_indexed(tmp_path, monkeypatch):
+    import gemmalens.sinks.npzfile as npzfile
+
+    engine, sink = Engine(), NpzArchiver("inproc://unused-npz", tmp_path, writers=2)
+    sink.handle(engine.run_start([0, 1]))
+    finished_batch(sink, engine, 0, np.ones((1, 2, 3), np.float32))
+    while 0 in sink.open:  # batch 0 written and indexed
+        time.sleep(0.05)
+        sink._take(sink.writer.outcomes())
+    original = npzfile.StagedFile.write_to
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(npzfile.StagedFile, "write_to", disk_full)
+    with pytest.raises(WriteError, match=r"activations_step_0_batch_1\.npz: the disk is full"):
+        finished_batch(sink, engine, 1, np.ones((1, 2, 3), np.float32))
+        time.sleep(0.5)
+        sink.handle(engine.run_end())
+    monkeypatch.setattr(npzfile.StagedFile, "write_to", original)
     sink.abort("sink failed")
     activations = gemmalens.open_activations(tmp_path)
     assert activations.prompts == [0]
     assert activations.get("a")[0][0][1].tolist() == [[1.0] * 3] * 2
+    assert not list(tmp_path.glob(".*.partial")) and not sink.complete
 
 
 @pytest.mark.parametrize("positions, steps", [("generated", [1, 2]), ("prompt", [0])])
@@ -144,3 +148,41 @@ def test_a_run_capturing_some_steps_only_is_indexed_and_read_back(tmp_path, posi
     activations = gemmalens.open_activations(tmp_path)
     assert activations.prompts == [0, 1] and activations.tokens == {r.index: r.tokens for r in results}
     assert sorted(activations.get("model.layers.0.resid_out")[1]) == steps
+
+
+def test_a_new_run_keeps_a_complete_earlier_run_aside_until_it_is_complete_itself(tmp_path):
+    first = Engine("first")
+    sink = NpzArchiver("inproc://unused-npz", tmp_path)
+    sink.handle(first.run_start([0]))
+    finished_batch(sink, first, 0, np.full((1, 1), 1.0, np.float32))
+    sink.handle(first.run_end())
+    sink.close()
+    second = Engine("second")
+    sink = NpzArchiver("inproc://unused-npz", tmp_path)
+    assert sink.state()["complete"] and sink.state()["have"] == [0]
+    sink.handle(second.run_start([0, 1]))
+    finished_batch(sink, second, 0, np.full((1, 1), 2.0, np.float32))
+    aside = tmp_path / ".replaced" / "first"
+    with np.load(aside / "activations_step_0_batch_0.npz") as kept:  # the earlier run, intact while this one runs
+        assert kept["a"].tolist() == [[1.0]]
+    sink.handle(second.run_end(complete=False, reason="interrupted"))  # batch 1 never came
+    sink.close()
+    assert aside.exists() and folder_state(tmp_path) == {"folder": str(tmp_path), "run": "second", "complete": False,
+                                                         "have": [0], "spec": {}}
+    third = Engine("third")
+    sink = NpzArchiver("inproc://unused-npz", tmp_path)
+    sink.handle(third.run_start([0, 1], resume=True))
+    finished_batch(sink, third, 1, np.full((1, 1), 3.0, np.float32))
+    sink.handle(third.run_end())
+    sink.close()
+    assert not (tmp_path / ".replaced").exists() and gemmalens.open_activations(tmp_path).prompts == [0, 1]
+
+
+def test_two_archivers_cannot_share_a_folder(tmp_path):
+    from gemmalens.errors import FolderBusy
+
+    first = NpzArchiver("inproc://unused-npz", tmp_path)
+    with pytest.raises(FolderBusy, match=r"in use by another gemmalens run \(pid \d+ on"):
+        NpzArchiver("inproc://unused-npz2", tmp_path)
+    first.close()
+    NpzArchiver("inproc://unused-npz3", tmp_path).close()  # free again once the holder closed

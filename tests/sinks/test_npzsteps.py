@@ -8,41 +8,27 @@ import numpy as np
 import psutil
 import pytest
 import zmq
-from helpers import tiny_generator
+from helpers import Engine, tiny_generator
 
 import gemmalens
 import gemmalens.api
-from gemmalens.engine.frames import encode_array, message
 from gemmalens.sinks.npz import INDEX, NpzArchiver
 from gemmalens.sinks.npzsteps import HelperError
 
-NAMES = ["a", "b"]
-RUN_START = {"capture": {"names": NAMES, "sample_patterns": [], "exclude": [], "positions": "all"}, "prompts": []}
 
-
-def messages(batches=(0, 1), steps=3):
+def messages(engine=None, batches=(0, 1), steps=3):
     """A run's messages: per batch and step, a bfloat16 frame "a" and a float32 frame "b" (lz4), then tokens."""
+    engine = engine or Engine()
     rng = np.random.default_rng(0)
-    seq = {}
-
-    def next_seq(topic):
-        seq[topic] = seq.get(topic, -1) + 1
-        return seq[topic]
-
-    out = [message("run.start", {"kind": "run_start", "seq": next_seq("run.start")}, RUN_START)]
+    out = [engine.run_start(list(batches))]
     for batch in batches:
         for step in range(steps):
             for name, dtype in (("a", "bfloat16"), ("b", "float32")):
                 values = rng.standard_normal((1, 2, 3)).astype(np.float32)
                 wire = (values.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else values
-                header = {"kind": "activation", "seq": next_seq(f"act.{name}"), "batch": batch, "step": step,
-                          "name": name, "prompts": [batch], "positions": [[step, step + 1]], "pads": [0],
-                          "dtype": dtype, "shape": [1, 2, 3], "codec": "lz4"}
-                out.append(message(f"act.{name}", header, encode_array(wire, dtype, "lz4")))
-            out.append(message("tokens", {"kind": "tokens", "seq": next_seq("tokens")},
-                               {"batch": batch, "step": step, "prompts": [batch], "tokens": [7 + step]}))
-        out.append(message("batch.end", {"kind": "batch_end", "seq": next_seq("batch.end")},
-                           {"batch": batch, "prompts": [batch], "steps": steps}))
+                out.append(engine.activation(batch, step, name, wire, dtype, slot=step))
+            out.append(engine.tokens(batch, step, [batch], [7 + step], 2))
+        out.append(engine.batch_end(batch, [batch], steps))
     return out
 
 
@@ -50,11 +36,12 @@ def deliver(sink, parts):
     sink.receive([zmq.Frame(bytes(part)) for part in parts])
 
 
-def archive(folder, processes, run=None):
+def archive(folder, processes, run=None, engine=None):
+    engine = engine or Engine()
     sink = NpzArchiver("inproc://unused-npzsteps", folder, processes=processes, writers=2)
-    for parts in run or messages():
+    for parts in run or messages(engine):
         deliver(sink, parts)
-    deliver(sink, message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+    deliver(sink, engine.run_end())
     sink.close()
     return sink
 
@@ -74,19 +61,22 @@ def test_helper_processes_write_the_same_files_as_one_process(tmp_path):
 
 
 def test_a_batch_with_a_lost_frame_is_not_indexed_by_helpers(tmp_path):
-    run = [m for m in messages() if not (m[0] == b"act.b" and b'"batch": 1, "step": 2' in m[1])]
-    archive(tmp_path, processes=2, run=run)
-    assert gemmalens.open_activations(tmp_path).prompts == [0]
+    engine = Engine()
+    run = [m for m in messages(engine) if not (m[0] == b"act.b" and b'"batch": 1, "step": 2' in m[1])]
+    sink = archive(tmp_path, processes=2, run=run, engine=engine)
+    assert gemmalens.open_activations(tmp_path).prompts == [0] and not sink.complete
 
 
 def test_a_failed_write_in_a_helper_stops_the_sink_and_keeps_the_batches_already_indexed(tmp_path):
+    engine = Engine()
     sink = NpzArchiver("inproc://unused-npzsteps", tmp_path, processes=2, writers=2)
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / ".activations_step_1_batch_1.npz.partial").mkdir()  # batch 1's step 1 cannot be written
-    with pytest.raises(HelperError, match=r"activations_step_1_batch_1\.npz.*IsADirectoryError"):
-        for parts in messages():
+    run = messages(engine)
+    deliver(sink, run[0])
+    (tmp_path / "activations_step_1_batch_1.npz").mkdir()  # batch 1's step 1 cannot be renamed into place
+    with pytest.raises(HelperError, match=r"activations_step_1_batch_1\.npz"):
+        for parts in run[1:]:
             deliver(sink, parts)
-        deliver(sink, message("run.end", {"kind": "run_end", "seq": 0}, {"complete": True, "topics": {}}))
+        deliver(sink, engine.run_end())
     sink.abort("sink failed")
     assert gemmalens.open_activations(tmp_path).prompts == [0]
 
@@ -134,6 +124,7 @@ def test_helpers_exit_when_their_archiver_is_killed(tmp_path):
 
 def test_sinks_and_their_helpers_import_no_mlx():
     script = ("import sys\nimport gemmalens.sinks.npz, gemmalens.sinks.results, gemmalens.sinks.stats, "
-              "gemmalens.cli.main\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))")
+              "gemmalens.sinks.reader, gemmalens.wire, gemmalens.cli.main\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx' or m.startswith('gemmalens.engine')))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
