@@ -11,7 +11,7 @@ from gemmalens.curve import CurveServer, check_exposure
 from gemmalens.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
 from gemmalens.spec import RunSpec
 
-from .options import addresses, generation_options, reports_errors, require_pair, spec_from
+from .options import addresses, generation_options, parent_option, reports_errors, require_pair, spec_from, watch_parent
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -71,6 +71,7 @@ def parse_shard(ctx, param, value):
               help="Folder of the sinks' public NAME.key files to accept.")
 @click.option("--insecure", is_flag=True, help="Allow binding beyond loopback without CURVE.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
+@parent_option
 @reports_errors
 def engine(**o):
     """Run the generation engine and publish tokens, activations and results."""
@@ -83,24 +84,30 @@ def engine(**o):
     stop = {}
     for sig in EXIT_ON_SIGNAL:
         signal.signal(sig, lambda number, frame: stop.setdefault("signal", number))
+    watch_parent(o["parent"])
     spec = RunSpec.read_file(o["spec_file"]) if o["spec_file"] else spec_from(o, category=o["category"])
     curve = CurveServer(o["curve_secret"], o["curve_allow"]) if require_pair(o, "curve_secret", "curve_allow") else None
     check_exposure(list(o["bind"]) + list(o["lossy_bind"]), curve, o["insecure"])
     prompts = prompt_set(spec.prompts_file, spec.category)
     share = my_share(prompts, o["shard"])
-    model, tokenizer = load(spec.model, dtype=spec.dtype)
-    selection = (select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions)
-                 if spec.patterns else NO_SELECTION)
-    config = generation_config(spec)
-    check_prompts(tokenizer, share, config.chat, config.max_tokens, model.config.max_position_embeddings)
-    if config.chat and chat_warning(model.source):
-        click.echo(chat_warning(model.source), err=True)
-    if selection:
-        click.echo(capture_estimate(model, tokenizer, share, config, selection)[1], err=True)
+    # Bound first: a busy address fails at once, and sinks connect while the model loads.
     publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],
                           codec=spec.codec, run_id=o["run_id"], sync_timeout=o["sync_timeout"], curve=curve,
                           engine_id=f"{o['shard'][0]}", expect_names=tuple(o["expect_sink"]),
                           sink_timeout=o["sink_timeout"])
+    try:
+        model, tokenizer = load(spec.model, dtype=spec.dtype)
+        selection = (select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions)
+                     if spec.patterns else NO_SELECTION)
+        config = generation_config(spec)
+        check_prompts(tokenizer, share, config.chat, config.max_tokens, model.config.max_position_embeddings)
+    except BaseException:
+        publisher.close()
+        raise
+    if config.chat and chat_warning(model.source):
+        click.echo(chat_warning(model.source), err=True)
+    if selection:
+        click.echo(capture_estimate(model, tokenizer, share, config, selection)[1], err=True)
     _, totals = serve(model, tokenizer, spec, prompts, share, selection, publisher, resume=o["resume"],
                       engines=o["shard"][1], should_stop=lambda: "signal" in stop)
     if "signal" in stop:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -28,6 +29,7 @@ from .options import SPEC_OPTIONS, addresses, generation_options, reports_errors
 from .sinks import attach, keys, sink
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SINK_STOP_SECONDS = 10  # a sink told to stop (its run is over, incomplete) has this long to write what it has
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -102,8 +104,19 @@ def _supervise(engines: dict[str, subprocess.Popen], sinks: dict[str, subprocess
             for proc in sinks.values():
                 if proc.poll() is None:
                     proc.terminate()
-        for proc in [*sinks.values(), *viewers]:
+            for proc in sinks.values():  # one that does not stop (stopped itself, or hung) is killed
+                try:
+                    proc.wait(timeout=SINK_STOP_SECONDS)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for proc in sinks.values():
             proc.wait()
+        for proc in viewers:  # a live view shows the run's end, if it saw it; it waits for nothing else
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -182,7 +195,8 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         reliable = [o["bind"] if o["bind"] and count == 1 else f"ipc://{tmp}/reliable{i}" for i in range(count)]
         lossy = [o["lossy_bind"] if o["lossy_bind"] and count == 1 else f"ipc://{tmp}/lossy{i}" for i in range(count)]
         security, client = _local_keys(o, tmp)
-        connect = [arg for address in reliable for arg in ("--connect", address)] + client + ["--locked"]
+        parent = ["--parent", str(os.getpid())]
+        connect = [arg for address in reliable for arg in ("--connect", address)] + client + parent
         sinks = {"results": _spawn(["sink", "results", *connect, "--output-dir", str(out)]
                                    + (["--echo"] if o["verbose"] else []))}
         if acts is not None:
@@ -194,11 +208,11 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         watched = [a for folder in (out, acts) if folder is not None for a in ("--watch", str(folder))]
         viewers = ([] if o["quiet"] else
                    [_spawn(["sink", "stats", *[a for x in lossy for a in ("--connect", x)], *client, *watched,
-                            "--every", str(o["progress_every"])])])
+                            "--every", str(o["progress_every"]), *parent])])
         names = [*sinks, *o["expect_sink"]]
         engines = {}
         for i in range(count):
-            args = ["engine", "--spec", str(spec_file), "--bind", reliable[i], "--lossy-bind", lossy[i],
+            args = ["engine", "--spec", str(spec_file), "--bind", reliable[i], "--lossy-bind", lossy[i], *parent,
                     "--expect", str(len(names) + o["expect_remote"]), "--shard", f"{i}/{count}", "--run-id", run_id,
                     *security, *[a for name in names for a in ("--expect-sink", name)]]
             if o["resume"]:
@@ -209,15 +223,18 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         received = _supervise(engines, sinks, viewers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _verdict(out, acts, engines, sinks, received)
+    return _verdict(out, acts, engines, sinks, received, run_id)
 
 
-def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None) -> int:
+def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None, run_id: str) -> int:
     """Says what the run left: complete, or what is missing and which process failed; records it in
     summary.json. The exit code follows the worst: 130/143 for a user's stop, 2 for a usage error, else 1."""
-    problems = [f"{name} {_describe_exit(p.returncode)}" for name, p in {**engines, **sinks}.items() if p.returncode]
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is not None and summary.get("run") != run_id:  # an earlier run's: this one never started
+        summary = None
+    named = {**engines, **sinks} if summary is not None else engines  # a run that never started: the engine's fault
+    problems = [f"{name} {_describe_exit(p.returncode)}" for name, p in named.items() if p.returncode]
     complete = not problems and summary is not None and summary.get("complete")
     if summary is not None:
         summary["processes"] = {name: p.returncode for name, p in {**engines, **sinks}.items()}
@@ -290,7 +307,7 @@ def run(**o):
     if o["prompts_file"]:
         o["prompts_file"] = str(Path(o["prompts_file"]).resolve())
     if o["model"] is not None and Path(o["model"]).expanduser().exists():
-        o["model"] = str(Path(o["model"]).expanduser().resolve())
+        o["model"] = str(Path(o["model"]).expanduser().absolute())
     out = Path(o["output_dir"])
     acts = Path(o["activations_dir"]) if o["activations_dir"] else out / "activations"
     acts = acts if o["save_activations"] or (o["resume"] and (acts / "activations_index.json").exists()) else None

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
+import time
 import traceback
 
 import click
@@ -82,6 +86,26 @@ def addresses(ctx, param, value):
     except AddressError as error:
         raise click.BadParameter(str(error).split(": ", 1)[-1], ctx=ctx, param=param) from None
     return checked[0] if isinstance(value, str) else tuple(checked)
+
+
+def parent_option(command):
+    """``--parent PID`` (hidden): started by that ``gemmalens run``, which holds the output folders' locks; if it
+    dies, this process stops as if it had been sent SIGTERM (nothing is left running without its supervisor)."""
+    return click.option("--parent", type=int, default=None, hidden=True,
+                        help="The pid of the `gemmalens run` that started this process.")(command)
+
+
+def watch_parent(pid: int | None) -> None:
+    """Stops this process (SIGTERM) once process ``pid``, its parent, has gone."""
+    if pid is None:
+        return
+
+    def watch():
+        while os.getppid() == pid:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gemmalens-parent-watch", daemon=True).start()
 
 
 def require_pair(options: dict, first: str, second: str) -> bool:

@@ -15,14 +15,14 @@ from gemmalens.sinks.results import ResultsWriter
 from gemmalens.sinks.stats import LiveStats
 from gemmalens.wire import Limits
 
-from .options import addresses, reports_errors, require_pair
+from .options import addresses, parent_option, reports_errors, require_pair, watch_parent
 
 
 class _Stopped(Exception):
     """Ctrl-C or SIGTERM reached the sink."""
 
 
-def serve(sink: Subscriber, idle_timeout: float | None) -> None:
+def serve(sink: Subscriber, idle_timeout: float | None, managed: bool = False) -> None:
     """Runs a sink to the end of the run, saying every few seconds that it waits for an engine until one starts.
     Ctrl-C or SIGTERM stops it at once, its outputs marked incomplete (exit 130/143). Exits 1 when the run it
     received is incomplete, naming what is missing."""
@@ -39,11 +39,12 @@ def serve(sink: Subscriber, idle_timeout: float | None) -> None:
         click.echo(f"{sink.name}: waiting for an engine at {', '.join(sink.addresses)} ({seconds:.0f} s)", err=True)
 
     try:
-        complete = sink.run(idle_timeout=idle_timeout, on_wait=waiting)
+        complete = sink.run(idle_timeout=idle_timeout, on_wait=None if managed else waiting)
     except _Stopped:
         sink.abort("sink stopped by a signal")
-        what = "before any run started" if sink.run_info is None else "in the middle of the run; outputs incomplete"
-        click.echo(f"{sink.name}: stopped {what}", err=True)
+        if sink.run_info is not None or not managed:
+            what = "before any run started" if sink.run_info is None else "in the middle of the run; outputs incomplete"
+            click.echo(f"{sink.name}: stopped {what}", err=True)
         sys.exit(128 + received["signal"])
     except Exception as error:
         sink.abort(f"sink failed: {error}")
@@ -76,14 +77,14 @@ def common(command):
                                 "incomplete.")(command)
     command = click.option("--max-message-mb", type=click.FloatRange(min=1), default=4096.0, show_default=True,
                            help="Refuse messages (and arrays) larger than this many MB.")(command)
-    command = click.option("--locked", is_flag=True, hidden=True,
-                           help="The output folder is locked by the parent `gemmalens run`.")(command)
+    command = parent_option(command)
     command = click.option("--verbose", is_flag=True, help="Show tracebacks.")(command)
     return command
 
 
 def common_arguments(o: dict) -> dict:
-    """Subscriber arguments from the common options."""
+    """Subscriber arguments from the common options (and the watch on a parent ``gemmalens run``)."""
+    watch_parent(o["parent"])
     size = int(o["max_message_mb"] * 1e6)
     return {"curve": _curve(o), "engine_timeout": o["engine_timeout"],
             "limits": Limits(message_bytes=size, array_bytes=size)}
@@ -104,10 +105,11 @@ def sink():
               help="Processes writing the files, each a share of the steps (default: one per four cores, at most "
                    "four; one below eight cores).")
 @reports_errors
-def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, processes, locked, **o):
+def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_activations, processes, **o):
     """Archive activation frames as activations_step_*.npz files."""
+    managed = o["parent"] is not None
     serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz",
-                      processes=processes, locked=locked, **common_arguments(o)), idle_timeout)
+                      processes=processes, locked=managed, **common_arguments(o)), idle_timeout, managed)
 
 
 @sink.command("results")
@@ -116,10 +118,11 @@ def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_
               help="Folder for results.json, results.jsonl, prompt_metadata.json and summary.json.")
 @click.option("--echo", is_flag=True, help="Print each result as it arrives.")
 @reports_errors
-def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, locked, **o):
+def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **o):
     """Write results.json, results.jsonl, prompt_metadata.json, summary.json and run_config.json."""
-    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results", locked=locked,
-                        **common_arguments(o)), idle_timeout)
+    managed = o["parent"] is not None
+    serve(ResultsWriter(list(connect), output_dir, echo=echo, name=name or "results", locked=managed,
+                        **common_arguments(o)), idle_timeout, managed)
 
 
 @sink.command("stats")
@@ -129,10 +132,10 @@ def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, locked,
 @click.option("--watch", multiple=True, type=click.Path(file_okay=False), metavar="FOLDER",
               help="Also show the bytes written into this folder (repeatable).")
 @reports_errors
-def stats_sink(connect, name, idle_timeout, verbose, every, watch, locked, **o):
+def stats_sink(connect, name, idle_timeout, verbose, every, watch, **o):
     """Show live progress (connect it to the engine's lossy endpoint)."""
     serve(LiveStats(list(connect), name=name or "stats", every=every, folders=watch, **common_arguments(o)),
-          idle_timeout)
+          idle_timeout, o["parent"] is not None)
 
 
 def load_subscriber(spec: str) -> type[Subscriber]:
@@ -152,10 +155,11 @@ def load_subscriber(spec: str) -> type[Subscriber]:
 @click.argument("subscriber")
 @common
 @reports_errors
-def attach(subscriber, connect, name, idle_timeout, verbose, locked, **o):
+def attach(subscriber, connect, name, idle_timeout, verbose, **o):
     """Run a custom subscriber (module:Class, a Subscriber subclass) against an engine."""
     cls = load_subscriber(subscriber)
-    serve(cls(list(connect), name=name or cls.__name__.lower(), **common_arguments(o)), idle_timeout)
+    serve(cls(list(connect), name=name or cls.__name__.lower(), **common_arguments(o)), idle_timeout,
+          o["parent"] is not None)
 
 
 @click.command()

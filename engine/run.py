@@ -138,7 +138,9 @@ def resume_plan(sinks: Sequence[Sink], spec: RunSpec, resume: bool, run_id: str 
         raise ConfigError("--resume: no sink holds an earlier run to continue (their folders are empty); run "
                           "without --resume")
     for sink in holding:
-        stored = RunSpec.from_dict(sink.state.get("spec") or {}, f"sink {sink.name}'s run_config.json")
+        if not sink.state.get("spec"):  # it holds no finished prompt: nothing it has can disagree
+            continue
+        stored = RunSpec.from_dict(sink.state["spec"], f"sink {sink.name}'s run_config.json")
         if spec.seed is None:
             spec = spec.replace(seed=stored.seed)
         differing = stored.differences(spec)

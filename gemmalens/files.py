@@ -99,50 +99,42 @@ def read_json_lines(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
 
 class JsonLines:
-    """Appends JSON objects to a file, one synced line each; opening cuts a torn last line off."""
+    """Appends JSON objects to a file, one synced line each; opening cuts a torn last line off, and a line that
+    could not be written whole (disk full) is taken back."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.torn = 0
         try:
-            if self.path.exists():
-                data = self.path.read_bytes()
-                if data and not data.endswith(b"\n"):
-                    self.torn = len(data) - (data.rfind(b"\n") + 1)
-                    with open(self.path, "r+b") as handle:
-                        handle.truncate(len(data) - self.torn)
-                        os.fsync(handle.fileno())
-            self.handle = open(self.path, "a", encoding="utf-8")
+            self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                self.torn = len(data) - (data.rfind(b"\n") + 1)
+                os.ftruncate(self.descriptor, len(data) - self.torn)
+                os.fsync(self.descriptor)
+            self.size = len(data) - self.torn
         except OSError as error:
             raise write_failed(self.path, error) from None
 
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, ensure_ascii=False) + "\n"
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         try:
-            self.handle.write(line)
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
+            written = 0
+            while written < len(line):
+                written += os.pwrite(self.descriptor, line[written:], self.size + written)
+            os.fsync(self.descriptor)
         except OSError as error:
-            self._cut(len(line.encode("utf-8")))
-            raise write_failed(self.path, error) from None
-
-    def _cut(self, size: int) -> None:
-        """Best effort after a failed append: drop what part of the line reached the file."""
-        try:
-            self.handle.close()
-            with open(self.path, "r+b") as handle:
-                data = handle.read()
-                if data and not data.endswith(b"\n"):
-                    handle.truncate(data.rfind(b"\n") + 1)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        if not self.handle.closed:
             try:
-                self.handle.close()
+                os.ftruncate(self.descriptor, self.size)  # no part of the line stays
             except OSError:
                 pass
+            raise write_failed(self.path, error) from None
+        self.size += len(line)
+
+    def close(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
 
 
 class FolderLock:

@@ -202,7 +202,7 @@ class Subscriber:
                     waits.append(last + idle_timeout - now)
                 if deadline is not None:
                     waits.append(deadline - now)
-                if self.down_since:
+                if self.down_since and self.run_info is not None:
                     waits.append(min(self.down_since.values()) + self.engine_timeout - now)
                 ready = dict(poller.poll(int(max(0.0, min(waits)) * 1000)))
                 if self.monitor in ready:
