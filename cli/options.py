@@ -64,7 +64,7 @@ def generation_options(command):
         click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default=DEFAULTS.wire_dtype,
                      help="Dtype of activations on the bus (default: the compute dtype)."),
         click.option("--codec", type=click.Choice(CODECS), default=DEFAULTS.codec, show_default=True,
-                     help="Payload encoding on the bus. lz4+shuffle packs dense floats 5-30% tighter at a few "
+                     help="Payload encoding on the bus. lz4+shuffle packs dense floats somewhat tighter at a few "
                           "times the CPU cost (docs/performance.md)."),
     ]
     for option in reversed(options):

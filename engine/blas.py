@@ -1,10 +1,10 @@
 """A fast BLAS for MLX's CPU backend on Linux.
 
 The ``mlx[cpu]`` wheel links the reference BLAS, which multiplies float32
-matrices at a few GFLOP/s. MLX calls only ``cblas_sgemm``/``dgemm``/``cgemm``
-from it, through the process-wide symbol scope, so an optimised OpenBLAS
-opened with ``RTLD_GLOBAL`` *before* ``mlx.core`` is imported takes those calls
-over (measured 7 -> 239 GFLOP/s on a 2-core machine; docs/performance.md).
+matrices an order of magnitude slower than an optimised one. MLX calls only
+``cblas_sgemm``/``dgemm``/``cgemm`` from it, through the process-wide symbol
+scope, so an optimised OpenBLAS opened with ``RTLD_GLOBAL`` *before*
+``mlx.core`` is imported takes those calls over (docs/performance.md).
 
 The OpenBLAS comes from the ``cmeel-openblas`` wheel. It needs
 ``libgfortran.so.5``, which many machines lack; the ``mlx[cpu]`` wheel ships

@@ -16,6 +16,7 @@ import numpy as np
 
 from gemmalens.errors import ConfigError
 from gemmalens.prompts import Prompt
+from gemmalens.spec import RunSpec
 
 from .cache import Cache, GlobalCache, SlidingCache
 from .capture import NO_CAPTURE, Capture
@@ -26,18 +27,21 @@ from .selection import NO_SELECTION, Selection, sample_name
 from .tokenizer import Tokenizer
 from .transfer import StepValues, host_copier
 
+DEFAULTS = RunSpec()
 CAPACITY_STEP = 128
 CAPTURE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_tokens: int = 100
+    """How to generate (the engine's side of a ``RunSpec``; defaults are its)."""
+
+    max_tokens: int = DEFAULTS.max_tokens
     sampling: SamplingParams = SamplingParams()
-    seed: int | None = None
-    batch_size: int = 4
-    chat: bool = False
-    stop: tuple[str, ...] = ()
+    seed: int | None = DEFAULTS.seed
+    batch_size: int = DEFAULTS.batch_size
+    chat: bool = DEFAULTS.chat_mode
+    stop: tuple[str, ...] = DEFAULTS.stop
     # Decode steps through mx.compile (the prompt pass stays eager). None: on a GPU only; on the CPU
     # compiling costs seconds once and gained nothing measurable (docs/performance.md).
     compiled: bool | None = None

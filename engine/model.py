@@ -73,8 +73,8 @@ class Linear(nn.Linear):
 
 class Fused:
     """Projections of one module that read the same input (q, k and v; gate and up) as one matrix product with
-    their weights joined: two kernels fewer per layer and larger products (on an H200, 1B shapes, the compiled
-    decode step took 4.8 against 5.2 ms at batch 1 and 9.1 against 11.2 ms at batch 64; docs/performance.md).
+    their weights joined: two kernels fewer per layer and larger products, which a GPU's decode step, bound by
+    kernel launches, runs faster.
 
     ``keep`` joins the weights of plain ``Linear`` projections; each projection's weight then becomes a view into
     the joined one (they are held once). While the module's projections still have those views as weights, calls
@@ -314,7 +314,7 @@ class Gemma3(nn.Module):
         """Forms every norm's ``1 + weight`` and every projection's transposed view once, evaluated, so a compiled
         decode step finds them ready (they are formed again when weights change); decode steps call it. On a GPU
         it also joins the weights of q/k/v and of gate/up (``Fused``: fewer kernels per step; on the CPU the
-        joined products were 4-5% slower), one layer at a time, so the model's memory grows by one layer's
+        joined products were slower), one layer at a time, so the model's memory grows by one layer's
         projections at most while they are joined."""
         modules = [m for _, m in self.named_modules()]
         if mx.default_device() != mx.cpu:

@@ -16,6 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from gemmalens.errors import ConfigError
+from gemmalens.spec import RunSpec
+
+DEFAULTS = RunSpec()
 
 # The values of each step's decision, captured as generate.step_{k}.sample.<name>: (name, shape, meaning).
 POINTS = (
@@ -36,10 +39,10 @@ _CANDIDATES = 256
 class SamplingParams:
     """``temperature`` 0 is greedy; ``top_p`` 1 and ``top_k`` None disable those filters."""
 
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int | None = None
-    repetition_penalty: float = 1.1
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    top_k: int | None = DEFAULTS.top_k
+    repetition_penalty: float = DEFAULTS.repetition_penalty
 
     def __post_init__(self):
         if not self.temperature >= 0:

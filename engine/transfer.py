@@ -1,11 +1,11 @@
 """Captured values off the device: one step's values packed into one buffer per dtype, one copy each.
 
 On a CUDA GPU, MLX arrays live in managed memory: reading one from the host
-(``np.array``) pages it over at 2-3 GB/s and waits for the work queued on the
+(``np.array``) pages it over slowly and waits for the work queued on the
 device behind it. The CUDA runtime copies the same memory into page-locked
-memory at 35-47 GB/s on a stream of its own, alongside the next step
-(docs/performance.md); the values are then read where they landed. Elsewhere (the CPU, Apple silicon) the host reads the
-memory directly.
+memory an order of magnitude faster, on a stream of its own, alongside the next
+step; the values are then read where they landed. Elsewhere (the CPU, Apple
+silicon) the host reads the memory directly.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ _STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking: no implicit ordering with MLX
 class CudaCopy:
     """Device-to-host copies through the CUDA runtime, one at a time, on a private non-blocking stream.
 
-    The copies land in page-locked memory (35-47 GB/s on an H200, against
-    1.5-2.5 GB/s into ordinary memory). Each copy's block goes back to a pool
+    The copies land in page-locked memory (much faster to copy into than
+    ordinary memory). Each copy's block goes back to a pool
     when the last array viewing it is collected, so steady generation reuses
     the same blocks instead of faulting in fresh memory at every step.
     """

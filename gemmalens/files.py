@@ -150,7 +150,8 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             handle = open(self.folder / LOCK, "a+", encoding="utf-8")
         except OSError as error:
-            raise write_failed(self.folder / LOCK, error) from None
+            raise WriteError(f"cannot use {self.folder} as an output folder: it is not writable "
+                             f"({error.strerror or error}); choose another (--output-dir, --activations-dir)") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

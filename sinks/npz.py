@@ -40,9 +40,9 @@ OUTPUTS = [INDEX, "activations_step_*_batch_*.npz"]
 
 
 def default_processes() -> int:
-    """Processes writing step files on this machine: one per four cores, at most four (on the 16-core H200 host
-    eight were slower than four); one, this process, below eight cores, where the engine needs the cores and one
-    process keeps up (bench/capture.py)."""
+    """Processes writing step files on this machine: one per four cores, at most four (more contend for the
+    disk); one, this process, below eight cores, where the engine needs the cores and one process keeps up
+    (bench/capture.py, bench/archiver.py)."""
     cores = os.cpu_count() or 1
     return min(4, cores // 4) if cores >= 8 else 1
 

@@ -1,22 +1,20 @@
 """Writing one ``.npz`` file fast: the zip laid out by hand in reused memory, then one write to disk.
 
 An archiver thread writes a step file of dozens of arrays several times a
-second. Through ``zipfile`` each entry cost about 100 microseconds of Python
-with the GIL held (entry objects, header rewrites, npy header formatting);
-with a few hundred entries a second that held one archiver near 300 MB/s
-however many writer threads it had (docs/performance.md). Here an entry is a
-few ``struct.pack`` calls: its values are copied (or widened from bfloat16)
+second. Through ``zipfile`` each entry costs a good deal of Python with the GIL
+held (entry objects, header rewrites, npy header formatting), which caps one
+archiver however many writer threads it has. Here an entry is a few
+``struct.pack`` calls: its values are copied (or widened from bfloat16)
 straight to their place in the file's memory and checksummed there, outside
 the GIL.
 
 The file is what ``numpy.savez`` writes (``compress``: what ``savez_compressed``
 writes, deflated by ISA-L at its level 1): a zip of ``<name>.npy`` entries with
 ZIP64 records, so plain ``numpy.load`` and ``zipfile`` read it. ISA-L's deflate
-(``isal``) ran 6.5 times as fast as zlib's level 1 on bfloat16 values widened to
-float32 (482 against 74 MB/s on one core of the CPU machine), and its files came
-out smaller (2.07 against 1.93 times); its checksum is 9 times as fast as
-zlib's. Stored entries start their values on a 64-byte boundary (the local
-header's extra field pads them), as the npy format intends for memory mapping.
+and checksum (``isal``) are several times as fast as zlib's on these values, with
+files no larger. Stored entries start their values on a 64-byte boundary (the
+local header's extra field pads them), as the npy format intends for memory
+mapping.
 """
 
 from __future__ import annotations
@@ -39,8 +37,7 @@ from gemmalens.wire import bfloat16_to_float32
 
 ALIGN = 4096  # direct I/O wants memory, length and offset in multiples of the block size
 NPY_ALIGN = 64  # where stored values start, relative to the file
-DEFLATE_LEVEL = 1  # of ISA-L's 0-3: within 20% of each other in speed on large arrays; 1 packs 10% tighter than 0
-# and, unlike 2 and 3, keeps its speed on small ones (a batch-1 step's 4.6 kB values)
+DEFLATE_LEVEL = 1  # of ISA-L's 0-3: packs tighter than 0 and, unlike 2 and 3, keeps its speed on small arrays
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, sizes, name/extra lengths
 _LOCAL_ZIP64 = struct.Struct("<HHQQ")  # extra field 1: uncompressed, compressed size

@@ -8,10 +8,9 @@ archiver reads to build its index.
 ``Helpers`` spreads that work over helper processes, each with its own
 ``StepFiles`` and its own GIL: the archiver's receiving thread then only reads
 each frame's header and forwards the message (ZeroMQ copies it without the GIL),
-and every step goes whole to one helper. On the 16-core H200 host, files stored
-into tmpfs, one process with eight writer threads took 636-800 MB/s of bfloat16
-frames and four helpers 1,181-1,865; deflated files 296-348 and 484-597
-(docs/performance.md, session 8; bench/archiver.py).
+and every step goes whole to one helper. Where one process's GIL is the limit
+(many cores, a fast disk), helpers multiply what the archiver takes
+(bench/archiver.py measures it).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from .npzfile import write_npz
 from .reader import step_file
 
 BACKLOG_BYTES = 1 << 30  # received arrays waiting for the writers, at most (beyond one step)
-START_TIMEOUT = 120.0  # seconds for a helper process to start (numpy, zmq, lz4, isal: 0.3 s on the H200 host)
+START_TIMEOUT = 120.0  # seconds for a helper process to start (it imports numpy, zmq, lz4 and isal only)
 
 
 def _positions(pending: dict[str, Any], header: dict[str, Any]) -> np.ndarray:

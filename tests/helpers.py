@@ -184,3 +184,70 @@ class Engine:
         topics = dict(self.counts)
         self.counts["run.end"] -= 1
         return self._message("run.end", "run_end", {"complete": complete, "reason": reason, "topics": topics})
+
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(path: Path, config: Gemma3Config, weights: dict[str, np.ndarray], tokens: list[str]) -> dict:
+    """A Gemma 3 GGUF file as llama.cpp writes one (norms with the +1 added; projections Q8_0), with a small
+    SentencePiece vocabulary; returns the float32 weights a reader must recover (Q8_0 rounding applied)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_name("Tiny Gemma 3 test model")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    types = [3 if t.startswith("<") and t.endswith(">") and not t.startswith("<0x") else
+             6 if t.startswith("<0x") else 1 for t in tokens]  # control, byte, normal
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(0)
+    writer.add_unk_token_id(3)
+    expected = {}
+    for name, value in weights.items():
+        stem = name[len("model."):-len(".weight")]
+        if stem == "embed_tokens":
+            gguf_name = "token_embd"
+        elif stem == "norm":
+            gguf_name = "output_norm"
+        else:
+            _, layer, part = stem.split(".", 2)
+            gguf_name = f"blk.{layer}.{GGUF_NAMES[part]}"
+        if name.endswith("norm.weight"):
+            writer.add_tensor(gguf_name + ".weight", (value + 1).astype(np.float32))
+            expected[name] = ((value + 1).astype(np.float32) - np.float32(1)).astype(np.float32)
+        else:
+            packed = gguf.quants.quantize(value.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name + ".weight", packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            expected[name] = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0).astype(np.float32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def tiny_vocabulary(size: int = 512) -> list[str]:
+    """Gemma's special tokens, the 256 byte pieces, and words and pieces a BPE can merge."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    pieces = ["\u2581", "a", "b", "c", "d", "e", "\u2581a", "ab", "\u2581ab", "cd", "abcd", "\u2581abcd", "de"]
+    tokens = specials + [f"<0x{i:02X}>" for i in range(256)] + pieces
+    return tokens + [f"w{i}" for i in range(size - len(tokens))]

@@ -235,7 +235,9 @@ def test_fault_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_folder, re
         words = {"kill -9 npz sink": ["sink", "npz"], "kill -9 results sink": ["sink", "results"],
                  "kill -9 engine": [" engine "]}[fault]
         child(proc, words).send_signal(signal.SIGKILL)
-        assert proc.wait(120) != 0
+        assert proc.wait(120) == 1  # the dead process named, the run incomplete
+        victim = {"kill -9 npz sink": "npz", "kill -9 results sink": "results", "kill -9 engine": "engine"}[fault]
+        assert f"{victim} was killed by SIGKILL" in proc.communicate()[1]
         assert not load_json(out / "summary.json")["complete"] if (out / "summary.json").exists() else True
     resumed = run_cli("run", "--model", tiny_folder, *RUN, "--output-dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr

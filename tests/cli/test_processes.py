@@ -68,7 +68,7 @@ def test_attach_rejects_what_is_not_a_subscriber(tmp_path):
     assert out.returncode == 2 and "not a gemmalens.sinks.base.Subscriber subclass" in out.stderr
 
 
-RUN = ["--max-tokens", 24, "--batch-size", 2, "--seed", 7, "--temperature", 0.8, "--save-activations",
+RUN = ["--max-tokens", 16, "--batch-size", 2, "--seed", 7, "--temperature", 0.8, "--save-activations",
        "--capture", "model.layers.17.resid_out"]
 
 

