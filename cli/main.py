@@ -187,6 +187,7 @@ def _one_run(o: dict, spec: RunSpec, out: Path, acts: Path | None, category: str
 
 def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
     run_id = secrets.token_hex(6)
+    launched = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
     try:
         spec_file = tmp / RUN_CONFIG
@@ -223,37 +224,47 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         received = _supervise(engines, sinks, viewers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _verdict(out, acts, engines, sinks, received, run_id)
+    return _verdict(out, acts, engines, sinks, received, run_id, launched)
 
 
-def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None, run_id: str) -> int:
+def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None, run_id: str,
+             launched: float) -> int:
     """Says what the run left: complete, or what is missing and which process failed; records it in
     summary.json. The exit code follows the worst: 130/143 for a user's stop, 2 for a usage error, else 1."""
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if summary is not None and summary.get("run") != run_id:  # an earlier run's: this one never started
+    if summary is not None and summary.get("run") != run_id:  # an earlier run's
         summary = None
-    named = {**engines, **sinks} if summary is not None else engines  # a run that never started: the engine's fault
+    config = out / RUN_CONFIG
+    started = summary is not None or (config.exists() and config.stat().st_mtime >= launched - 1)
+    named = {**engines, **sinks} if started else engines  # a run that never started: the engine's fault
     problems = [f"{name} {_describe_exit(p.returncode)}" for name, p in named.items() if p.returncode]
-    complete = not problems and summary is not None and summary.get("complete")
-    if summary is not None:
-        summary["processes"] = {name: p.returncode for name, p in {**engines, **sinks}.items()}
-        summary["complete"] = bool(complete)
+    if not started:
         if problems:
-            summary["reason"] = "; ".join(filter(None, [summary.get("reason"), *problems]))
-        dump_json(summary_path, summary)
-        state = "complete" if complete else f"INCOMPLETE: {summary['reason'] or 'see summary.json'}"
-        click.echo(f"{summary['prompts_done']}/{summary['prompts_total']} prompts, {state}; results in {out}"
-                   + (f", activations in {acts}" if acts is not None else ""), err=True)
-        if not complete:
-            click.echo("continue it with the same command and --resume", err=True)
-    elif problems:
-        click.echo(f"the run did not start: {'; '.join(problems)}; nothing in {out} was changed", err=True)
+            click.echo(f"the run did not start: {'; '.join(problems)}; nothing in {out} was changed", err=True)
+        return EXIT_ON_SIGNAL.get(received, 128 + received) if received is not None else (
+            2 if any(p.returncode == 2 for p in engines.values()) else 1)
+    if summary is None:  # the results sink died before writing it: the run's verdict is still recorded
+        from gemmalens.sinks.results import RESULTS_LINES, read_result_lines
+
+        metadata = out / "prompt_metadata.json"
+        summary = {"complete": False, "run": run_id, "reason": None,
+                   "prompts_done": len(read_result_lines(out / RESULTS_LINES)),
+                   "prompts_total": len(json.loads(metadata.read_text())["prompts"]) if metadata.exists() else 0}
+    complete = not problems and bool(summary.get("complete"))
+    summary["processes"] = {name: p.returncode for name, p in {**engines, **sinks}.items()}
+    summary["complete"] = complete
+    if problems:
+        summary["reason"] = "; ".join(filter(None, [summary.get("reason"), *problems]))
+    dump_json(summary_path, summary)
+    state = "complete" if complete else f"INCOMPLETE: {summary['reason'] or 'see summary.json'}"
+    click.echo(f"{summary['prompts_done']}/{summary['prompts_total']} prompts, {state}; results in {out}"
+               + (f", activations in {acts}" if acts is not None else ""), err=True)
+    if not complete:
+        click.echo("continue it with the same command and --resume", err=True)
     if received is not None:
         return EXIT_ON_SIGNAL.get(received, 128 + received)
-    if complete:
-        return 0
-    return 2 if any(p.returncode == 2 for p in engines.values()) else 1
+    return 0 if complete else 1
 
 
 @cli.command()
