@@ -22,7 +22,7 @@ import time
 import numpy as np
 import zmq
 
-from gemmalens.engine.frames import encode_array, message as frame_message
+from gemmalens import wire
 
 LAYERS, HIDDEN = 26, 1152
 SINK = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
@@ -33,28 +33,28 @@ SINK = ("import sys\nfrom gemmalens.sinks.npz import NpzArchiver\n"
 def messages(batch: int, steps: int) -> list[list[bytes]]:
     """One run of one batch: run.start, per step the 26 frames and the tokens, batch.end, run.end."""
     rng = np.random.default_rng(0)
-    payloads = [encode_array((rng.standard_normal(batch * HIDDEN).astype(np.float32).view(np.uint32) >> 16)
-                             .astype(np.uint16), "bfloat16", "lz4") for _ in range(LAYERS)]
+    payloads = [wire.encode_array((rng.standard_normal(batch * HIDDEN).astype(np.float32).view(np.uint32) >> 16)
+                                  .astype(np.uint16), "lz4") for _ in range(LAYERS)]
     rows, seqs = list(range(batch)), {}
     names = [f"model.layers.{i}.resid_out" for i in range(LAYERS)]
 
-    def message(topic, fields, payload):
+    def message(topic, kind, body, **fields):
         seqs[topic] = seqs.get(topic, -1) + 1
-        return frame_message(topic, {"v": 1, "run": "bench", "engine": "0", "seq": seqs[topic], **fields}, payload)
+        return wire.message(topic, wire.header(topic, kind, "bench", "0", seqs[topic], **fields), body)
 
-    capture = {"names": names, "sample_patterns": [], "exclude": [], "positions": "generated"}
-    out = [message("run.start", {"kind": "run_start"}, {"capture": capture, "prompts": []})]
+    out = [message(wire.RUN_START, "run_start", {"run": "bench", "spec": {}, "prompts": [], "capture": {},
+                                                 "engines": 1, "segment": {"resume": False, "skipped": []}})]
     for step in range(steps):
         for name, payload in zip(names, payloads):
-            out.append(message(f"act.{name}", {
-                "kind": "activation", "batch": 0, "step": step, "name": name, "dtype": "bfloat16",
-                "shape": [batch, 1, HIDDEN], "codec": "lz4", "nbytes": batch * HIDDEN * 2, "prompts": rows,
-                "positions": [[64 + step]] * batch, "pads": [0] * batch}, payload))
-        out.append(message("tokens", {"kind": "tokens"}, {"batch": 0, "step": step, "prompts": rows,
-                                                          "tokens": [5] * batch, "positions": [64 + step] * batch}))
-    out.append(message("batch.end", {"kind": "batch_end"}, {"batch": 0, "prompts": rows, "steps": steps}))
-    totals = {topic: count + 1 for topic, count in seqs.items()} | {"run.end": 1}
-    out.append(message("run.end", {"kind": "run_end"}, {"complete": True, "reason": None, "topics": totals}))
+            out.append(message(wire.activation_topic(name), "activation", payload, batch=0, step=step, name=name,
+                               dtype="bfloat16", shape=[batch, 1, HIDDEN], axes=["batch", "seq", "hidden"],
+                               codec="lz4", nbytes=batch * HIDDEN * 2, slot=64 + step, prompts=rows,
+                               pads=[0] * batch, live=[True] * batch))
+        out.append(message(wire.TOKENS, "tokens", {"batch": 0, "step": step, "prompts": rows, "tokens": [5] * batch,
+                                                   "positions": [64 + step] * batch, "frames": LAYERS}))
+    out.append(message(wire.BATCH_END, "batch_end", {"batch": 0, "prompts": rows, "steps": steps}))
+    totals = {topic: count + 1 for topic, count in seqs.items()} | {wire.RUN_END: 1}
+    out.append(message(wire.RUN_END, "run_end", {"complete": True, "reason": None, "topics": totals}))
     return out
 
 

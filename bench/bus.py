@@ -15,17 +15,20 @@ import os
 import tempfile
 import time
 
-import gemmalens  # noqa: F401  (fast BLAS before MLX)
+import gemmalens.engine  # noqa: F401  (fast BLAS before MLX)
 import lz4.block
 import mlx.core as mx
 import numpy as np
 
-from gemmalens.engine.frames import shuffle
-from gemmalens.engine.generation import ActivationEvent
-from gemmalens.engine.transfer import StepValues, host_copier
+import gemmalens
+from gemmalens.engine.events import ActivationEvent
 from gemmalens.engine.publisher import Publisher
+from gemmalens.engine.run import publish_run
+from gemmalens.engine.transfer import StepValues, host_copier
 from gemmalens.sinks.base import Subscriber
+from gemmalens.wire import shuffle
 
+RUN_INFO = {"spec": {}, "prompts": [], "capture": {}, "engines": 1, "segment": {"resume": False, "skipped": []}}
 POINTS = ["self_attn.q_proj_out", "mlp.gate_proj_out", "mlp.act_out", "resid_out", "self_attn.attn_weights"]
 
 
@@ -77,11 +80,13 @@ def through_bus(arrays, address, codec, workers, frames) -> float:
     proc = multiprocessing.Process(target=receive, args=(publisher.endpoints["reliable"], "bench", ready))
     proc.start()
     values = StepValues({name: mx.array(a) for name, a in arrays.items()}, host_copier())
-    events = [ActivationEvent(0, 0, name, [0], [[0]], values, [0]) for name in arrays]
+    events = [ActivationEvent(0, 0, name, ("batch", "heads", "seq", "keys") if a.ndim == 4 else
+                              ("batch", "seq", "features"), [0], [0], [True], 0, values) for name, a in arrays.items()]
     values.fetch(next(iter(arrays)))  # on the host before the clock starts: this measures the bus alone
     raw = 0
+    publisher.wait_for_sinks()
     started = time.perf_counter()
-    publisher.start({})
+    publisher.start(RUN_INFO)
     for i in range(frames):
         event = events[i % len(events)]
         publisher.publish(event)
@@ -96,10 +101,9 @@ def through_bus(arrays, address, codec, workers, frames) -> float:
 def wire_bytes_per_token(patterns) -> dict[str, float]:
     model, tokenizer = gemmalens.load(dtype="float32")
     from gemmalens.engine.generation import GenerationConfig
-    from gemmalens.prompts import Prompt
-    from gemmalens.engine.run import publish_run
     from gemmalens.engine.sampling import SamplingParams
     from gemmalens.engine.selection import select
+    from gemmalens.prompts import Prompt
 
     out = {}
     for codec in ("lz4", "lz4+shuffle"):
@@ -108,7 +112,8 @@ def wire_bytes_per_token(patterns) -> dict[str, float]:
             prompts = [Prompt(0, "The history of the printing press begins in")]
             config = GenerationConfig(max_tokens=16, sampling=SamplingParams(0, 1, None, 1), batch_size=1)
             selection = select(model.config, capture, exclude, positions="generated")
-            _, totals = publish_run(model, tokenizer, prompts, config, selection, publisher, {})
+            publisher.start(RUN_INFO)
+            _, totals = publish_run(model, tokenizer, prompts, config, selection, publisher)
             out[f"{label}, {codec}"] = (totals["bytes_raw"] / 15, totals["bytes_wire"] / 15)
     return out
 

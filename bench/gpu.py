@@ -36,11 +36,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemmalens.engine.config import Gemma3Config, layer_pattern
-from gemmalens.engine.generation import ActivationEvent, GenerationConfig, ResultEvent, StepEvent, generate
+from gemmalens.engine.events import ActivationEvent, ResultEvent, StepEvent
+from gemmalens.engine.generation import GenerationConfig, generate
 from gemmalens.engine.model import Gemma3
-from gemmalens.prompts import Prompt
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import publish_run
+from gemmalens.prompts import Prompt
 from gemmalens.engine.sampling import SamplingParams
 from gemmalens.engine.selection import select
 from gemmalens.engine.transfer import host_copier
@@ -97,10 +98,18 @@ def prompts_for(batch, length=64, seed=0):
     return [[2] + rng.integers(3, 262000, size=length - 1).tolist() for _ in range(batch)]
 
 
+def prompt_set(batch, length=64):
+    """``batch`` prompts of random ids (``IdTokenizer`` feeds them as they are)."""
+    return [Prompt(i, ids) for i, ids in enumerate(prompts_for(batch, length))]
+
+
+RUN_INFO = {"spec": {}, "prompts": [], "capture": {}, "engines": 1, "segment": {"resume": False, "skipped": []}}
+
+
 def run_plain(model, batch, new_tokens, compiled=True, batches=1):
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch, compiled=compiled)
     started = time.perf_counter()
-    results = [e.result for e in generate(model, IdTokenizer(), prompts_for(batch * batches), config)
+    results = [e.result for e in generate(model, IdTokenizer(), prompt_set(batch * batches), config)
                if isinstance(e, ResultEvent)]
     seconds = time.perf_counter() - started
     return sum(len(r.tokens) for r in results) / seconds, results
@@ -124,8 +133,8 @@ ALL_BUT_ATTENTION = (["*"], ["*.attn_scores", "*.attn_weights"])
 class TimedPublisher(Publisher):
     """Notes when the run starts: after its sinks have subscribed (their start-up is not the bus's speed)."""
 
-    def start(self, run_info, should_stop=lambda: False):
-        super().start(run_info, should_stop)
+    def start(self, run_info):
+        super().start(run_info)
         self.started = time.perf_counter()
 
 
@@ -157,10 +166,12 @@ def run_captured(model, batch, new_tokens, patterns, exclude=(), sink=None, work
     ``workers``: compression threads for frames of 1 MiB or more (resid_out's smaller frames are compressed by
     the sender thread itself); eight suit every point's hundreds of megabytes per step."""
     config = GenerationConfig(max_tokens=new_tokens, sampling=GREEDY, batch_size=batch)
-    prompts = [Prompt(i, p) for i, p in enumerate(prompts_for(batch * batches))]
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
     with sink_process(sink or ARCHIVER, workers, storage) as publisher:
-        results, totals = publish_run(model, IdTokenizer(), prompts, config, selection, publisher, {"engines": 1})
+        publisher.wait_for_sinks()
+        publisher.start(RUN_INFO)
+        results, totals = publish_run(model, IdTokenizer(), prompt_set(batch * batches), config, selection,
+                                      publisher)
     seconds = publisher.ended - publisher.started
     return (sum(len(r.tokens) for r in results) / seconds, totals["bytes_raw"] / seconds,
             publisher.started - publisher.spawned)
@@ -172,11 +183,12 @@ def bus_limit(model, batch, patterns, exclude, sink=None, workers=8, repeats=8, 
     the host already: one decode step's frames and tokens of ``batch``, sent ``repeats`` times."""
     config = GenerationConfig(max_tokens=2, sampling=GREEDY, batch_size=batch)
     selection = select(model.config, list(patterns), list(exclude), positions="generated")
-    events = [e for e in generate(model, IdTokenizer(), prompts_for(batch), config, selection)
+    events = [e for e in generate(model, IdTokenizer(), prompt_set(batch), config, selection)
               if isinstance(e, (ActivationEvent, StepEvent)) and e.step == 1]
     raw = sum(e.host()[0].nbytes for e in events if isinstance(e, ActivationEvent))  # fetched once, then reused
     with sink_process(sink or COUNTER, workers, storage) as publisher:
-        publisher.start({"capture": selection.to_dict()})
+        publisher.wait_for_sinks()
+        publisher.start(RUN_INFO)
         for i in range(repeats):
             for event in events:
                 publisher.publish(dataclasses.replace(event, step=i))
@@ -322,7 +334,7 @@ def engine_breakdown(model, batch=64, new_tokens=128, patterns=("model.layers.*.
         copier = threading.Thread(target=lambda: [event.host() for event in iter(copies.get, None)])
         copier.start()
         started, tokens = time.perf_counter(), 0
-        for event in generate(model, IdTokenizer(), prompts_for(batch), config, selection):
+        for event in generate(model, IdTokenizer(), prompt_set(batch), config, selection):
             if isinstance(event, ActivationEvent) and copy:
                 copies.put(event)
             elif isinstance(event, StepEvent):

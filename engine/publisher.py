@@ -348,6 +348,9 @@ class Publisher:
             sink.state = body.get("state") if isinstance(body.get("state"), dict) else {}
         elif kind == "ack" and body.get("run") == self.run_id:
             sink.ack = body
+            topic = wire.presence_topic(sink.name, sink.instance)  # the receipt: the sink may go now
+            head = wire.header(topic, "receipt", self.run_id, self.engine_id, 0)
+            self._send_parts(self._reliable, wire.message(topic, head, {"run": self.run_id}))
 
     def check_sinks(self) -> None:
         """Notes participants lost: disconnected for ``reconnect_grace`` seconds without coming back, or silent

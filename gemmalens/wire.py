@@ -28,7 +28,7 @@ VERSION = 2
 
 RUN_START, TOKENS, RESULT, BATCH_END, STATS, RUN_END = "run.start", "tokens", "result", "batch.end", "stats", "run.end"
 ACTIVATION = "act."  # topic prefix: act.<capture point>
-HELLO = "hello."  # hello.<sink>.<instance>: a subscriber's presence (its subscription) and the engine's welcome
+HELLO = "hello."  # hello.<sink>.<instance>: a subscriber's presence (its subscription); the engine's welcome, receipt
 CONTROL = (RUN_START, RUN_END, STATS, BATCH_END)  # every subscriber receives these
 KINDS = {RUN_START: "run_start", TOKENS: "tokens", RESULT: "result", BATCH_END: "batch_end", STATS: "stats",
          RUN_END: "run_end"}
@@ -185,6 +185,7 @@ BODY = {
     "run_end": {"complete": lambda v: isinstance(v, bool), "reason": _optional(_str),
                 "topics": lambda v: isinstance(v, dict) and all(_str(k) and _int(n) for k, n in v.items())},
     "welcome": {},
+    "receipt": {"run": _str},
 }
 ACTIVATION_FIELDS = {"batch": _int, "step": _int, "name": _str, "dtype": _str, "shape": _ints,
                      "axes": lambda v: isinstance(v, list) and all(a in AXES for a in v), "codec": _str,
@@ -224,12 +225,12 @@ def decode_header(parts: list) -> tuple[str, dict[str, Any]]:
     if not _int(head.get("seq")) or head["seq"] < 0:
         raise WireError("header", f"{topic}: seq {json.dumps(head.get('seq'))[:40]} is not a count")
     kind = head.get("kind")
-    expected = "activation" if topic.startswith(ACTIVATION) else "welcome" if topic.startswith(HELLO) else \
-        KINDS.get(topic)
+    expected = ("activation",) if topic.startswith(ACTIVATION) else ("welcome", "receipt") if topic.startswith(
+        HELLO) else (KINDS[topic],) if topic in KINDS else None
     if expected is None:
         raise WireError("topic", f"unknown topic {topic[:80]!r}")
-    if kind != expected:
-        raise WireError("header", f"{topic}: kind {kind!r}, expected {expected!r}")
+    if kind not in expected:
+        raise WireError("header", f"{topic}: kind {kind!r}, expected {' or '.join(map(repr, expected))}")
     return topic, head
 
 

@@ -32,6 +32,7 @@ from gemmalens.errors import GemmalensError, WireError
 # Messages a reliable subscriber holds unread; beyond them the engine waits (back-pressure; nothing is dropped).
 RELIABLE_HWM = 256
 ALIVE_EVERY = 1.0  # seconds between a reliable subscriber's "alive" messages to the engine
+RECEIPT_WAIT = 5.0  # seconds a subscriber repeats its ack until the engine's receipt comes (the engine may be gone)
 
 
 def message_parts(frames: list[zmq.Frame]) -> list:
@@ -99,6 +100,8 @@ class Subscriber:
         self.handshake_failures: list[str] = []
         self.stop_requested = False  # set from another thread: run() ends within a second, incomplete
         self._alive = 0.0
+        self._ack: bytes | None = None  # sent at the run's end, repeated until the engine's receipt
+        self.receipts: set[str] = set()  # engines that confirmed the ack
 
     def _subscribe(self, prefix: str) -> None:
         if self.reliable:
@@ -232,9 +235,24 @@ class Subscriber:
                 if self.run_info is None and on_wait is not None and now - waited >= wait_every:
                     waited = now
                     on_wait(now - started)
+            self._await_receipts()
         finally:
             self.close()
         return self.complete
+
+    def _await_receipts(self) -> None:
+        """Repeats the ack until every engine of the run confirmed it (an ack lost as the process exits would
+        leave the engine waiting), for a few seconds at most: an engine that is gone confirms nothing."""
+        if self._ack is None:
+            return
+        engines = set(self.ends) or {"0"}
+        until, sent = time.monotonic() + RECEIPT_WAIT, time.monotonic()
+        while not engines <= self.receipts and time.monotonic() < until:
+            if time.monotonic() - sent >= 0.5:
+                self._upstream(self._ack)
+                sent = time.monotonic()
+            if self.socket.poll(100):
+                self.receive(self.socket.recv_multipart(copy=False))
 
     def _handshake_note(self) -> str:
         if not self.handshake_failures:
@@ -292,6 +310,9 @@ class Subscriber:
 
     def dispatch(self, frame: wire.Frame) -> None:
         head, kind = frame.header, frame.header["kind"]
+        if kind == "receipt":
+            self.receipts.add(head["engine"])
+            return
         if kind == "welcome":
             if self.reliable:
                 state = self.state()
@@ -346,8 +367,9 @@ class Subscriber:
             for (engine, topic), n in self.received.items():
                 received.setdefault(engine, {})[topic] = n
             parts = self.shortfall_parts(engine=False)
-            self._upstream(wire.ack(self.name, self.instance, self.run_id, not parts, "; ".join(parts) or "complete",
-                                    received, sum(self.rejected.values())))
+            self._ack = wire.ack(self.name, self.instance, self.run_id, not parts, "; ".join(parts) or "complete",
+                                 received, sum(self.rejected.values()))
+            self._upstream(self._ack)
 
     def count(self, topic: str, header: dict[str, Any]) -> tuple[str, str]:
         """Notes a message of ``topic`` and any gap before it; returns its (engine, topic) key."""

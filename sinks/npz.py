@@ -79,22 +79,30 @@ class NpzArchiver(Subscriber):
         self.open: dict[int, dict[str, Any]] = {}  # batches not indexed yet: their files, tokens, steps in flight
         self.errors: list[BaseException] = []  # failed writes
         self.index: dict[str, Any] = {"batches": {}, "tokens": {}, "axes": {}}  # finished batches only
-        self.finished = False
         self.aside: Path | None = None
-        self.helpers = (Helpers(processes, self.directory, compress, writers, kwargs.get("context")
-                                or zmq.Context.instance()) if processes > 1 else None)
-        self.files = None if self.helpers else StepFiles(self.directory, compress, writers)
-        self.writer = self.helpers or self.files  # where steps go: finish_step, outcomes, finish
+        self._writing = (processes, compress, writers, kwargs.get("context") or zmq.Context.instance())
+        self._start_writer()
         try:
             super().__init__(connect, bfloat16_as="uint16", **kwargs)  # widened to float32 by the writers
         except BaseException:
             self._finish()
             raise
 
+    def _start_writer(self) -> None:
+        processes, compress, writers, context = self._writing
+        self.helpers = Helpers(processes, self.directory, compress, writers, context) if processes > 1 else None
+        self.files = None if self.helpers else StepFiles(self.directory, compress, writers)
+        self.writer = self.helpers or self.files  # where steps go: finish_step, outcomes, finish
+        self.finished = False
+
     def state(self) -> dict[str, Any]:
         return folder_state(self.directory)
 
     def on_run_start(self, info: dict[str, Any]) -> None:
+        if self.open:  # a new segment (its engine restarted): the last one's writes end first, their batches go
+            self._finish()
+            self.open = {}
+            self._start_writer()
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = folder_state(self.directory)
         index_path = self.directory / INDEX
@@ -103,7 +111,6 @@ class NpzArchiver(Subscriber):
         elif index_path.exists():
             self.index = json.loads(index_path.read_text())
             self.index.setdefault("axes", {})
-        self.open = {}  # batches of an earlier segment that never ended are generated again
         self.index.update(run=info.get("run"), spec=info.get("spec"), complete=False)
         complete = {f for b in self.index["batches"].values() for f in b["files"]}
         for stale in self.directory.glob("activations_step_*_batch_*.npz"):

@@ -64,9 +64,17 @@ class ResultsWriter(Subscriber):
     def state(self) -> dict[str, Any]:
         return folder_state(self.output_dir)
 
+    def on_stats(self, stats: dict[str, Any]) -> None:
+        self._last_stats = stats
+
     def on_run_start(self, info: dict[str, Any]) -> None:
-        if self._lines is not None:  # a new segment into this running sink: the results so far stay
-            self._lines.close()
+        if self._lines is not None:  # a new segment into this running sink: the results so far stay, and the
+            self._lines.close()  # cut segment counts in the speed as far as its last stats went
+            stats = getattr(self, "_last_stats", {})
+            self.segments.append({"run": self._segment_run, "tokens": stats.get("tokens", 0),
+                                  "seconds": stats.get("seconds", 0.0)})
+            self._last_stats = {}
+        self._segment_run = info.get("run")
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             earlier = folder_state(self.output_dir)
@@ -76,7 +84,7 @@ class ResultsWriter(Subscriber):
                       "run is complete", file=self.stream, flush=True)
             self.prompts = {p["index"]: p for p in info["prompts"]}
             self.results = read_result_lines(self.output_dir / RESULTS_LINES)
-            if info["segment"].get("resume") and (self.output_dir / SUMMARY).exists():
+            if info["segment"].get("resume") and not self.segments and (self.output_dir / SUMMARY).exists():
                 previous = json.loads((self.output_dir / SUMMARY).read_text())
                 self.segments = previous.get("segments") or []
             dump_json(self.output_dir / RUN_CONFIG, info["spec"])

@@ -211,3 +211,49 @@ def test_prompts_that_cannot_be_generated_are_usage_errors_naming_them(tmp_path,
                   "--quiet")
     assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
     assert "prompt 1" in out.stderr or "$[1]" in out.stderr
+
+
+def test_an_engine_restarted_into_running_sinks_continues_the_run_as_a_new_segment(tmp_path, tiny_folder):
+    """Separate processes: the engine is killed mid-run; started again with --resume, it asks the sinks still
+    running what they hold, and they take its new start as a new segment of the same outputs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "out"
+    sinks = [start("sink", "results", "--connect", address, "--output-dir", out, "--engine-timeout", 120),
+             start("sink", "npz", "--connect", address, "--activations-dir", out / "activations", "--engine-timeout",
+                   120)]
+    engine_args = ["engine", "--model", tiny_folder, *LONG, "--bind", address, "--expect-sink", "results",
+                   "--expect-sink", "npz"]
+    first = start(*engine_args)
+    wait_for(lambda: len(lines(out)) >= 3)
+    first.kill()
+    first.wait()
+    second = run_cli(*engine_args, "--resume")
+    assert second.returncode == 0, second.stderr
+    assert [s.wait(60) for s in sinks] == [0, 0]
+    summary = load_json(out / "summary.json")
+    assert summary["complete"] and len(summary["segments"]) == 2
+    ids = [json.loads(line)["id"] for line in lines(out)]
+    assert sorted(ids) == sorted(set(ids)) == list(range(8))
+    archive = gemmalens.open_activations(out)
+    assert archive.prompts == list(range(8)) and all(len(t) == 40 for t in archive.tokens.values())
+
+
+def test_sinks_whose_engine_died_end_incomplete_and_keep_what_they_have(tmp_path, tiny_folder):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "out"
+    sink = start("sink", "results", "--connect", address, "--output-dir", out, "--engine-timeout", 2)
+    engine = start("engine", "--model", tiny_folder, *LONG, "--bind", address, "--expect-sink", "results")
+    wait_for(lambda: len(lines(out)) >= 2)
+    engine.kill()
+    assert sink.wait(30) == 1
+    assert "went away mid-run" in sink.communicate()[1]
+    summary = load_json(out / "summary.json")
+    assert not summary["complete"] and summary["prompts_done"] == len(lines(out)) >= 2

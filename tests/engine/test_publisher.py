@@ -319,3 +319,19 @@ def test_a_reliable_sink_that_falls_behind_holds_the_engine_back_instead_of_buff
     assert sum(n for topic, n in totals["topics"].items() if topic.startswith("act.")) > 600
     assert sink.complete and totals["engine_waited_seconds"] > 1 and totals["sinks_waited_seconds"] > 1
     assert sink.summary["engine_waited_seconds"] == totals["engine_waited_seconds"]
+
+
+def test_the_ack_of_a_sink_that_exits_at_once_still_reaches_the_engine(tmp_path):
+    """A subscriber process may end the moment its run does (os._exit: no time for ZeroMQ to flush): it repeats
+    its ack until the engine's receipt, so the engine neither waits nor calls the run incomplete."""
+    script = ("import os, sys\nfrom gemmalens.sinks.base import Subscriber\n"
+              "sink = Subscriber(sys.argv[1], name='hasty')\nos._exit(0 if sink.run(timeout=60) else 1)")
+    publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
+    for _ in range(3):
+        sink = subprocess.Popen([sys.executable, "-c", script, publisher.endpoints["reliable"]])
+        started = time.monotonic()
+        _, totals = small_run(publisher, max_tokens=2)
+        assert totals["complete"] and totals["sinks"]["hasty"]["complete"] and time.monotonic() - started < 8
+        assert sink.wait(30) == 0
+        publisher = Publisher(reliable=f"ipc://{tmp_path}/bus", expect=1)
+    publisher.close()
