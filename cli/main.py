@@ -187,7 +187,6 @@ def _one_run(o: dict, spec: RunSpec, out: Path, acts: Path | None, category: str
 
 def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
     run_id = secrets.token_hex(6)
-    launched = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
     try:
         spec_file = tmp / RUN_CONFIG
@@ -224,19 +223,20 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         received = _supervise(engines, sinks, viewers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _verdict(out, acts, engines, sinks, received, run_id, launched)
+    return _verdict(out, acts, engines, sinks, received, run_id)
 
 
-def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None, run_id: str,
-             launched: float) -> int:
+def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None, run_id: str) -> int:
     """Says what the run left: complete, or what is missing and which process failed; records it in
     summary.json. The exit code follows the worst: 130/143 for a user's stop, 2 for a usage error, else 1."""
+    from gemmalens.sinks.results import METADATA, RESULTS_LINES, read_result_lines
+
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if summary is not None and summary.get("run") != run_id:  # an earlier run's
         summary = None
-    config = out / RUN_CONFIG
-    started = summary is not None or (config.exists() and config.stat().st_mtime >= launched - 1)
+    metadata = out / METADATA
+    started = summary is not None or (metadata.exists() and json.loads(metadata.read_text()).get("run") == run_id)
     named = {**engines, **sinks} if started else engines  # a run that never started: the engine's fault
     problems = [f"{name} {_describe_exit(p.returncode)}" for name, p in named.items() if p.returncode]
     if not started:
@@ -245,9 +245,6 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
         return EXIT_ON_SIGNAL.get(received, 128 + received) if received is not None else (
             2 if any(p.returncode == 2 for p in engines.values()) else 1)
     if summary is None:  # the results sink died before writing it: the run's verdict is still recorded
-        from gemmalens.sinks.results import RESULTS_LINES, read_result_lines
-
-        metadata = out / "prompt_metadata.json"
         summary = {"complete": False, "run": run_id, "reason": None,
                    "prompts_done": len(read_result_lines(out / RESULTS_LINES)),
                    "prompts_total": len(json.loads(metadata.read_text())["prompts"]) if metadata.exists() else 0}

@@ -88,7 +88,8 @@ class ResultsWriter(Subscriber):
                 previous = json.loads((self.output_dir / SUMMARY).read_text())
                 self.segments = previous.get("segments") or []
             dump_json(self.output_dir / RUN_CONFIG, info["spec"])
-            dump_json(self.output_dir / METADATA, {"prompts": [self.prompts[i] for i in sorted(self.prompts)],
+            dump_json(self.output_dir / METADATA, {"run": info.get("run"),
+                                                   "prompts": [self.prompts[i] for i in sorted(self.prompts)],
                                                    "categories": _categories(self.prompts.values())})
             self._lines = JsonLines(self.output_dir / RESULTS_LINES)
         except Exception as error:

@@ -82,6 +82,35 @@ def test_the_main_command_then_the_reading_snippet(tmp_path):
     assert read.stdout.startswith("<ActivationArchive") and "8 prompts" in read.stdout
 
 
+def test_the_reading_snippet_of_the_outputs_page(tmp_path):
+    main = commands(recipe("README.md", "main"))[0].split("&&", 1)[1].strip().replace("--max-tokens 32",
+                                                                                        "--max-tokens 3")
+    done = shell(main + " --capture 'generate.*.sample.token*' --capture 'model.layers.5.*'", tmp_path)
+    assert done.wait(300) == 0, done.communicate()
+    snippet = recipe("docs/outputs.md", "reading") + "\nprint(positions.shape, weights.shape, len(acts.sampling(3)))"
+    read = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True)
+    assert read.returncode == 0, read.stderr
+    match = re.search(r"\((\d+),\) \(4, (\d+), (\d+)\) 3$", read.stdout.strip())
+    assert match and len(set(match.groups())) == 1, read.stdout  # T positions, [heads, T, T] weights, 3 steps
+
+
+def test_the_decoding_snippet_of_the_protocol_page():
+    import numpy as np
+    from helpers import Engine
+
+    values = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    message = Engine().activation(0, 1, "model.layers.0.resid_out", values, codec="lz4", slot=5, pads=[0, 2])
+
+    class Socket:
+        def recv_multipart(self):
+            return [bytes(part) for part in message]
+
+    namespace = {"socket": Socket()}
+    exec(recipe("docs/protocol.md", "decode"), namespace)
+    assert np.array_equal(namespace["array"], values)
+    assert namespace["positions"].tolist() == [[5, 6, 7], [3, 4, 5]]
+
+
 def test_the_python_api_snippet(tmp_path):
     done = subprocess.run([sys.executable, "-c", recipe("README.md", "api")], cwd=tmp_path, capture_output=True,
                           text=True)

@@ -74,7 +74,7 @@ def test_the_stats_sink_exits_0_on_a_complete_run(tmp_path, tiny_folder):
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_folder):
-    out = run_cli("run", "--model", tiny_folder, "--max-tokens", 30, "--progress-every", 0.2, "--output-dir",
+    out = run_cli("run", "--model", tiny_folder, "--max-tokens", 16, "--progress-every", 0.1, "--output-dir",
                   tmp_path / "out")
     assert out.returncode == 0, out.stderr
     progress = [line for line in out.stderr.splitlines() if line.startswith("progress: ")]

@@ -44,7 +44,7 @@ def test_multimodal_checkpoint_text_part_loads_under_both_prefixes(tmp_path, tin
 
 
 def test_sparse_multimodal_text_config_takes_gemma3_defaults():
-    from gemmalens.engine.config import layer_pattern, config_from_hf
+    from gemmalens.engine.config import config_from_hf
 
     config = config_from_hf({"text_config": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
                                              "sliding_window": 1024, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}})
