@@ -11,7 +11,8 @@ from gemmalens.curve import CurveServer, check_exposure
 from gemmalens.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
 from gemmalens.spec import RunSpec
 
-from .options import addresses, generation_options, parent_option, reports_errors, require_pair, spec_from, watch_parent
+from .options import (addresses, control_options, generation_options, parent_option, reports_errors, require_pair,
+                      spec_from, watch_parent)
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -70,12 +71,14 @@ def parse_shard(ctx, param, value):
 @click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder of the sinks' public NAME.key files to accept.")
 @click.option("--insecure", is_flag=True, help="Allow binding beyond loopback without CURVE.")
+@control_options
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 @parent_option
 @reports_errors
 def engine(**o):
     """Run the generation engine and publish tokens, activations and results."""
     # MLX comes with these: imported here, the CLI's sink commands start without it
+    from gemmalens.engine.control import ControlServer
     from gemmalens.engine.loading import chat_warning, load
     from gemmalens.engine.publisher import Publisher
     from gemmalens.engine.run import capture_estimate, check_prompts, generation_config, serve
@@ -87,7 +90,8 @@ def engine(**o):
     watch_parent(o["parent"])
     spec = RunSpec.read_file(o["spec_file"]) if o["spec_file"] else spec_from(o, category=o["category"])
     curve = CurveServer(o["curve_secret"], o["curve_allow"]) if require_pair(o, "curve_secret", "curve_allow") else None
-    check_exposure(list(o["bind"]) + list(o["lossy_bind"]), curve, o["insecure"])
+    check_exposure(list(o["bind"]) + list(o["lossy_bind"]) + ([o["control"]] if o["control"] else []), curve,
+                   o["insecure"])
     prompts = prompt_set(spec.prompts_file, spec.category)
     share = my_share(prompts, o["shard"])
     # Bound first: a busy address fails at once, and sinks connect while the model loads.
@@ -104,12 +108,25 @@ def engine(**o):
     except BaseException:
         publisher.close()
         raise
+    control = None
+    if o["control"]:
+        try:
+            control = ControlServer(o["control"], model.config, sync=o["control_sync"], timeout=o["control_timeout"],
+                                    on_timeout=o["control_on_timeout"], curve=curve,
+                                    should_stop=lambda: "signal" in stop)
+        except BaseException:
+            publisher.close()
+            raise
     if config.chat and chat_warning(model.source):
         click.echo(chat_warning(model.source), err=True)
     if selection:
         click.echo(capture_estimate(model, tokenizer, share, config, selection)[1], err=True)
-    _, totals = serve(model, tokenizer, spec, prompts, share, selection, publisher, resume=o["resume"],
-                      engines=o["shard"][1], should_stop=lambda: "signal" in stop)
+    try:
+        _, totals = serve(model, tokenizer, spec, prompts, share, selection, publisher, resume=o["resume"],
+                          engines=o["shard"][1], should_stop=lambda: "signal" in stop, control=control)
+    finally:
+        if control is not None:
+            control.close()
     if "signal" in stop:
         click.echo(f"engine: stopped; {totals['prompts_done']} prompt(s) finished and kept; continue with --resume",
                    err=True)

@@ -24,8 +24,10 @@ from gemmalens.files import FolderLock, dump_json
 from gemmalens.prompts import DEFAULT_PROMPTS, by_category, load_prompts, parse_prompts, sample_prompts
 from gemmalens.spec import RUN_CONFIG, RunSpec
 
+from .control import control
 from .engine import engine
-from .options import SPEC_OPTIONS, addresses, generation_options, reports_errors, require_pair, spec_from
+from .options import (INTERVENTION_OPTIONS, SPEC_OPTIONS, addresses, control_args, control_options, generation_options,
+                      reports_errors, require_pair, spec_from)
 from .sinks import attach, keys, sink
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -135,8 +137,13 @@ def _check_inputs(o: dict, spec: RunSpec) -> None:
         load_prompts(spec.prompts_file)
     config = config_from_hf(read_config_json(resolve(spec.model)))
     select(config, list(spec.patterns) or ["*"], list(spec.exclude), spec.layers, spec.positions)
+    if spec.interventions:
+        from gemmalens.engine.editing import prepare
+        from gemmalens.interventions import parse_all
+
+        prepare(parse_all(spec.interventions), config)
     curve = o["curve_secret"] if require_pair(o, "curve_secret", "curve_allow") else None
-    check_exposure([a for a in (o["bind"], o["lossy_bind"]) if a], curve, o["insecure"])
+    check_exposure([a for a in (o["bind"], o["lossy_bind"], o["control"]) if a], curve, o["insecure"])
 
 
 def _run_spec(o: dict, out: Path, acts: Path | None) -> RunSpec:
@@ -153,6 +160,8 @@ def _run_spec(o: dict, out: Path, acts: Path | None) -> RunSpec:
     context = click.get_current_context()
     explicit = {name: getattr(given, name) for name in SPEC_OPTIONS
                 if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if any(context.get_parameter_source(name) == ParameterSource.COMMANDLINE for name in INTERVENTION_OPTIONS):
+        explicit["interventions"] = given.interventions
     differing = stored.differences(stored.replace(**explicit))
     if differing:
         raise click.UsageError("--resume: these settings differ from the run being resumed: " + ", ".join(differing))
@@ -219,6 +228,7 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
                 args.append("--resume")
             if o["verbose"]:
                 args.append("--verbose")
+            args += control_args(o)
             engines[f"engine {i}" if count > 1 else "engine"] = _spawn(args)
         received = _supervise(engines, sinks, viewers)
     finally:
@@ -300,6 +310,7 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
               help="Seconds between progress lines when stderr is not a terminal (a terminal gets a live bar).")
+@control_options
 @reports_errors
 def run(**o):
     """Generate for a prompt set with the engine and sinks as separate processes."""
@@ -310,6 +321,8 @@ def run(**o):
         path.write_text(json.dumps(sample_prompts(), indent=2) + "\n")
         click.echo(f"wrote sample prompts to {path}; edit it and pass it with --prompts-file", err=True)
         return
+    if o["control"] and o["engines"] > 1:
+        raise click.UsageError("--control works with one engine (--engines 1)")
     if (o["capture"] or o["activations_dir"]) and not o["save_activations"]:
         o["save_activations"] = True
     if o["prompts_file"]:
@@ -384,6 +397,7 @@ cli.add_command(engine)
 cli.add_command(sink)
 cli.add_command(attach)
 cli.add_command(keys)
+cli.add_command(control)
 
 
 def seed_main() -> None:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import click
 
@@ -22,6 +23,7 @@ DEFAULTS = RunSpec()
 SPEC_OPTIONS = ("model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
                 "batch_size", "chat_mode", "stop", "capture", "exclude", "layers", "positions", "wire_dtype",
                 "save_activations", "prompts_file", "codec")
+INTERVENTION_OPTIONS = ("interventions_file", "steer", "ablate")  # together they set RunSpec.interventions
 
 
 def generation_options(command):
@@ -66,16 +68,62 @@ def generation_options(command):
         click.option("--codec", type=click.Choice(CODECS), default=DEFAULTS.codec, show_default=True,
                      help="Payload encoding on the bus. lz4+shuffle packs dense floats somewhat tighter at a few "
                           "times the CPU cost (docs/performance.md)."),
+        click.option("--interventions", "interventions_file", type=click.Path(dir_okay=False), default=None,
+                     help="A JSON file of interventions: edits applied during generation (docs/interventions.md)."),
+        click.option("--steer", multiple=True, metavar="SITE=FILE.npy[*SCALE]",
+                     help="Add SCALE times the vector in FILE.npy at SITE, at every position and step (repeatable)."),
+        click.option("--ablate", multiple=True, metavar="SITE[:HEADS]",
+                     help="Zero SITE, or only these heads of it (e.g. model.layers.3.self_attn.attn_out:0,2-4; "
+                          "repeatable)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
+def control_options(command):
+    """``--control`` and its settings, shared by ``run`` and ``engine`` (gemmalens/control.py)."""
+    options = [
+        click.option("--control", default=None, callback=addresses, metavar="ADDR",
+                     help="Open a control socket here: `gemmalens control ADDR apply|clear|list|go` changes the "
+                          "interventions of the running generation (docs/interventions.md)."),
+        click.option("--control-sync", is_flag=True,
+                     help="Wait for a controller's go before each forward pass after the first (closed loop)."),
+        click.option("--control-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                     metavar="SECONDS", help="How long --control-sync waits for a go."),
+        click.option("--control-on-timeout", type=click.Choice(["continue", "stop"]), default="continue",
+                     show_default=True,
+                     help="When no go comes in time: go on without waiting, or stop the run (incomplete)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def control_args(options: dict) -> list[str]:
+    """The control options as ``gemmalens engine`` arguments (what ``run`` passes on)."""
+    if not options.get("control"):
+        return []
+    return (["--control", options["control"], "--control-timeout", str(options["control_timeout"]),
+             "--control-on-timeout", options["control_on_timeout"]]
+            + (["--control-sync"] if options["control_sync"] else []))
+
+
 def spec_from(options: dict, **extra) -> RunSpec:
     """The ``RunSpec`` that a command's generation options (and ``extra`` fields) describe."""
     values = {name: options[name] for name in SPEC_OPTIONS if name in options}
-    return RunSpec.from_dict({**values, **extra})
+    return RunSpec.from_dict({**values, "interventions": intervention_records(options), **extra})
+
+
+def intervention_records(options: dict) -> list[dict]:
+    """The records of the interventions that ``--interventions``, ``--steer`` and ``--ablate`` give, in that order
+    (arrays checked and referred to by absolute path and SHA-256)."""
+    from gemmalens import interventions
+
+    found = interventions.load_file(options["interventions_file"]) if options.get("interventions_file") else []
+    found += [interventions.parse_steer(text, Path.cwd()) for text in options.get("steer") or ()]
+    found += [interventions.parse_ablate(text) for text in options.get("ablate") or ()]
+    return [iv.record() for iv in found]
 
 
 def addresses(ctx, param, value):

@@ -8,8 +8,11 @@ import mlx.core as mx
 import numpy as np
 
 from gemmalens.errors import ConfigError
+from gemmalens.interventions import parse_all
+from gemmalens.prompts import Prompt
 
 from .capture import NO_CAPTURE, Capture
+from .editing import BatchEdits, prepare
 from .model import Gemma3
 from .tokenizer import Tokenizer
 
@@ -43,10 +46,19 @@ class CapturedValues(dict):
         self.tokens = tokens
 
 
-def run_with_capture(model: Gemma3, tokenizer: Tokenizer, inputs, names: Sequence[str] = ()):
-    """One forward pass: logits ``[batch, seq, vocab]`` and the captured ``names`` (a ``CapturedValues``)."""
+def run_with_capture(model: Gemma3, tokenizer: Tokenizer, inputs, names: Sequence[str] = (), interventions=()):
+    """One forward pass: logits ``[batch, seq, vocab]`` and the captured ``names`` (a ``CapturedValues``).
+
+    ``interventions`` (gemmalens/interventions.py) edit it as in generation's prompt pass (step 0); their
+    ``prompts`` are row numbers here, and captured values at an edited site are the edited ones."""
     ids, pad = as_token_batch(tokenizer, inputs)
-    cap = Capture(names) if names else NO_CAPTURE
+    edits = None
+    if interventions:
+        rows = [Prompt(r, "") for r in range(ids.shape[0])]
+        batch = BatchEdits(prepare(parse_all(interventions), model.config), rows, pad.tolist(), ids.shape[1],
+                           model.dtype)
+        edits = batch.at(0, np.arange(ids.shape[1])) if batch else None
+    cap = Capture(names, edits) if names or edits else NO_CAPTURE
     logits = model(ids, pad, cap=cap)
     values = cap.take()
     mx.eval(logits, values)

@@ -1,12 +1,13 @@
 """What generation yields, in order, for the publisher to put on the bus (and the in-process API to collect).
 
-Per batch: for step 0 (the prompt pass), 1, 2...: the step's ``ActivationEvent`` s, then its ``StepEvent``;
-a ``ResultEvent`` as each row finishes; a ``BatchEndEvent`` when all have.
+Per batch: an ``InterventionEvent`` if interventions edit it; for step 0 (the prompt pass), 1, 2...: the step's
+``ActivationEvent`` s, then its ``StepEvent``; a ``ResultEvent`` as each row finishes; a ``BatchEndEvent`` when
+all have.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ class GenerationResult:
     timings: dict[str, float]
     category: str | None = None
     subcategory: str | None = None
+    interventions: list[str] = field(default_factory=list)  # ids of the interventions that edited this prompt
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -89,6 +91,16 @@ class ActivationEvent:
 @dataclass
 class ResultEvent:
     result: GenerationResult
+
+
+@dataclass
+class InterventionEvent:
+    """The interventions in force in ``batch`` from ``step`` on: each one's record (gemmalens/interventions.py),
+    ``id``, ``digest`` and ``rows`` (the prompt ids it edits)."""
+
+    batch: int
+    step: int
+    interventions: list[dict[str, Any]]
 
 
 @dataclass

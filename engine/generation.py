@@ -19,8 +19,10 @@ from gemmalens.prompts import Prompt
 from gemmalens.spec import RunSpec
 
 from .cache import Cache, GlobalCache, SlidingCache
+from .control import ControlServer
 from .capture import NO_CAPTURE, Capture
-from .events import ActivationEvent, BatchEndEvent, GenerationResult, ResultEvent, StepEvent
+from .editing import BatchEdits, Prepared
+from .events import ActivationEvent, BatchEndEvent, GenerationResult, InterventionEvent, ResultEvent, StepEvent
 from .model import Gemma3
 from .sampling import SamplingParams, sample, step_keys
 from .selection import NO_SELECTION, Selection, sample_name
@@ -67,14 +69,20 @@ def generate(
     prompts: Sequence[Prompt],
     config: GenerationConfig,
     selection: Selection = NO_SELECTION,
-) -> Iterator[StepEvent | ActivationEvent | ResultEvent | BatchEndEvent]:
+    edits: Sequence[Prepared] = (),
+    control: ControlServer | None = None,
+) -> Iterator[StepEvent | ActivationEvent | ResultEvent | BatchEndEvent | InterventionEvent]:
     """Generates for every prompt, ``config.batch_size`` at a time, yielding events in order.
 
     A prompt's ``index`` seeds its sampling and labels its events; a batch is named by its first prompt's.
+    ``edits``: the run's interventions (``editing.prepare``); a batch they touch starts with an
+    ``InterventionEvent`` saying which apply to which rows, and another comes whenever ``control`` (live
+    control, engine/control.py; it then holds the set in force) changes them, from the step they take effect.
     """
     prompts = list(prompts)
     for start in range(0, len(prompts), config.batch_size):
-        yield from _generate_batch(model, tokenizer, prompts[start:start + config.batch_size], config, selection)
+        yield from _generate_batch(model, tokenizer, prompts[start:start + config.batch_size], config, selection,
+                                   edits, control, start == 0)
 
 
 class DecodeStep:
@@ -88,19 +96,22 @@ class DecodeStep:
 
     _functions: dict = {}
 
-    def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool = True):
+    def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool = True,
+                 sites: frozenset[str] = frozenset()):
         self.cache = cache
         self._slots = mx.arange(cache.capacity)  # its length tells the traced step the capacity
         model.keep_derived()
-        key = (id(model), names, compiled)
+        key = (id(model), names, compiled, sites)
         if key not in DecodeStep._functions:
             DecodeStep._functions[key] = _decode_function(model, names, compiled)
             weakref.finalize(model, DecodeStep._functions.pop, key, None)
         self._step = DecodeStep._functions[key]
+        self.sites = sites
 
-    def __call__(self, tokens: mx.array, pad: mx.array) -> tuple[mx.array, dict[str, mx.array]]:
-        """Logits ``[B, V]`` for tokens ``[B, 1]``, and the captured values."""
-        logits, arrays, offset, values = self._step(*self.cache.take_state(), tokens, pad, self._slots)
+    def __call__(self, tokens: mx.array, pad: mx.array, edits: dict | None = None) -> tuple[mx.array, dict]:
+        """Logits ``[B, V]`` for tokens ``[B, 1]``, and the captured values; ``edits`` the ``(keep, put)`` of each
+        edited site (the same sites at every call)."""
+        logits, arrays, offset, values = self._step(*self.cache.take_state(), tokens, pad, self._slots, edits or {})
         self.cache.put_state(arrays, offset)
         return logits, values
 
@@ -108,16 +119,17 @@ class DecodeStep:
 def _decode_function(model: Gemma3, names: frozenset[str], compiled: bool):
     kinds = [SlidingCache if model.config.is_sliding(i) else GlobalCache for i in range(model.config.num_hidden_layers)]
 
-    def step(arrays, offset, tokens, pad, slots):
+    def step(arrays, offset, tokens, pad, slots, edits):
         cache = Cache([kind(*pair) for kind, pair in zip(kinds, arrays)], offset, slots.shape[0])
-        cap = Capture(names) if names else NO_CAPTURE
+        cap = Capture(names, edits) if names or edits else NO_CAPTURE
         logits = model(tokens, pad, cache, cap, last_only=True)[:, -1]
         return logits, [(c.keys, c.values) for c in cache.layers], cache.offset, cap.take()
 
     return mx.compile(step) if compiled else step
 
 
-def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationConfig, selection: Selection):
+def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationConfig, selection: Selection,
+                    prepared: Sequence[Prepared], control: ControlServer | None, first: bool):
     started = time.perf_counter()
     indices, batch = [p.index for p in prompts], prompts[0].index
     formatted = [tokenizer.format(p.text, config.chat) for p in prompts]
@@ -139,11 +151,20 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
     finished_at = [0.0] * B
     prompt_seconds = 0.0
     decode_names = frozenset(n for n in selection.names_for_step(1) if not n.startswith("generate."))
-    decode = DecodeStep(model, cache, decode_names, config.compiled)
+    if control is not None:
+        if not first:
+            control.wait(batch, 0)
+        control.changes(batch, 0)
+        prepared = control.current
+    editing = _Editing(model, cache, decode_names, config.compiled, prompts, pads, width)
+    announced = editing.use(batch, 0, prepared)
+    if announced is not None:
+        yield announced
     copier = host_copier()
     capture_dtype = CAPTURE_DTYPES.get(config.capture_dtype)
     wanted = selection.names_for_step(0)
-    cap = Capture(wanted) if wanted else NO_CAPTURE
+    prompt_edits = editing.at(0, width)
+    cap = Capture(wanted, prompt_edits) if wanted or prompt_edits else NO_CAPTURE
     logits = model(ids, pad, cache, cap, last_only=True)[:, -1]
     captured = cap.take()
     for step in range(config.max_tokens):
@@ -155,11 +176,15 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
         mx.async_eval(*(values.buffers.values() if values else ()), tokens)
         if penalized:
             seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
-        if step + 1 < config.max_tokens:
+        more = step + 1 < config.max_tokens
+        ahead = control is None or not control.sync  # a synchronous controller decides each step first
+        if more and ahead:
             # Queue the next step on the device before waiting for this one's tokens: the host's
             # bookkeeping and publishing below overlap with the device's work, and this step's
             # captured values leave the device (in the publisher's threads) while the next one runs.
-            logits, next_captured = decode(tokens[:, None], pad)
+            if control is not None and (announced := editing.update(batch, step + 1, control)) is not None:
+                yield announced
+            logits, next_captured = editing.decode(tokens[:, None], pad, editing.at(step + 1, width + step))
             mx.async_eval(logits, *next_captured.values())
         chosen = tokens.tolist()
         if step == 0:
@@ -171,9 +196,6 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
             for event in _activation_events(values, selection, batch, step, indices, pads, live, width):
                 frames += 1
                 yield event
-        if step + 1 < config.max_tokens:
-            wanted = selection.names_for_step(step + 1)
-            captured = next_captured if wanted else {}
         rows_live = [r for r in range(B) if live[r]]
         yield StepEvent(batch, step, [indices[r] for r in rows_live], [chosen[r] for r in rows_live],
                         [width - pads[r] + step for r in rows_live], frames)
@@ -189,14 +211,58 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
             if finish[r] is not None:
                 finished_at[r] = time.perf_counter()
                 yield ResultEvent(_result(tokenizer, config, prompts[r], formatted[r], rows[r], generated[r],
-                                          finish[r], started, prompt_seconds, finished_at[r]))
+                                          finish[r], started, prompt_seconds, finished_at[r],
+                                          editing.applied[indices[r]]))
         if all(f is not None for f in finish):
             break
+        if more and not ahead:
+            control.wait(batch, step + 1)
+            if (announced := editing.update(batch, step + 1, control)) is not None:
+                yield announced
+            logits, next_captured = editing.decode(tokens[:, None], pad, editing.at(step + 1, width + step))
+        if more:
+            wanted = selection.names_for_step(step + 1)
+            captured = next_captured if wanted else {}
     yield BatchEndEvent(batch, list(indices), step + 1)
 
 
+class _Editing:
+    """A batch's edits as the set in force changes: its ``BatchEdits``, the decode step for their sites, and the
+    ids of every intervention that edited each row (``applied``, by prompt id)."""
+
+    def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool, prompts, pads, width):
+        self.model, self.cache, self.names, self.compiled = model, cache, names, compiled
+        self.prompts, self.pads, self.width = prompts, pads, width
+        self.applied: dict[int, list[str]] = {p.index: [] for p in prompts}
+        self.edits: BatchEdits | None = None
+        self.decode: DecodeStep | None = None
+
+    def use(self, batch: int, step: int, prepared: Sequence[Prepared]) -> InterventionEvent | None:
+        """Puts ``prepared`` in force from ``step``; the event that says so, when there is something to say."""
+        had = bool(self.edits)
+        self.edits = BatchEdits(prepared, self.prompts, self.pads, self.width, self.model.dtype)
+        sites = frozenset(self.edits.sites)
+        if self.decode is None or self.decode.sites != sites:
+            self.decode = DecodeStep(self.model, self.cache, self.names, self.compiled, sites)
+        for index, ids in self.applied.items():
+            ids.extend(i for i in self.edits.ids_for(index) if i not in ids)
+        if self.edits or had:
+            return InterventionEvent(batch, step, self.edits.records())
+        return None
+
+    def update(self, batch: int, step: int, control: ControlServer) -> InterventionEvent | None:
+        changed = control.changes(batch, step)
+        return None if changed is None else self.use(batch, step, changed)
+
+    def at(self, step: int, first_slot: int) -> dict | None:
+        """The edits of the forward pass of ``step`` (the prompt pass: every slot from 0; else one slot)."""
+        if not self.edits:
+            return None
+        return self.edits.at(step, np.arange(self.width) if step == 0 else np.array([first_slot]))
+
+
 def _result(tokenizer, config, prompt: Prompt, formatted, prompt_ids, generated, finish, started, prompt_seconds,
-            finished):
+            finished, interventions: list[str]):
     """A row's result. Its speed is its own: its generated tokens over the time from its first token (the end
     of its batch's prompt pass) to its last (rows of a batch decode together, one token per row per step)."""
     text = tokenizer.decode(generated)
@@ -216,6 +282,7 @@ def _result(tokenizer, config, prompt: Prompt, formatted, prompt_ids, generated,
                  "tokens_per_second": len(generated) / decoding if decoding > 0 else 0.0},
         category=prompt.category,
         subcategory=prompt.subcategory,
+        interventions=interventions,
     )
 
 

@@ -38,7 +38,7 @@ import zmq
 from gemmalens import wire
 from gemmalens.errors import GemmalensError, SinkLost
 
-from .events import ActivationEvent, BatchEndEvent, ResultEvent, StepEvent
+from .events import ActivationEvent, BatchEndEvent, InterventionEvent, ResultEvent, StepEvent
 
 _STOP = object()
 INLINE_BYTES = 1 << 20  # activation frames below this size are compressed by the sender thread itself, and copied
@@ -231,6 +231,9 @@ class Publisher:
         elif isinstance(event, BatchEndEvent):
             self._put(("json", wire.BATCH_END, {"batch": event.batch, "prompts": event.indices,
                                                 "steps": event.steps}))
+        elif isinstance(event, InterventionEvent):
+            self._put(("json", wire.INTERVENTION, {"batch": event.batch, "step": event.step,
+                                                   "interventions": event.interventions}))
 
     def stats(self, values: dict[str, Any]) -> None:
         self._put(("json", wire.STATS, {**values, "queue_depth": self._queue.qsize(), **self._waits()}))

@@ -17,9 +17,12 @@ from typing import Any, Callable, Sequence
 import mlx.core as mx
 
 from gemmalens.errors import ConfigError, SinkLost
+from gemmalens.interventions import Intervention, parse_all
 from gemmalens.prompts import Prompt
 from gemmalens.spec import RunSpec
 
+from .control import ControlServer, ControlTimeout
+from .editing import Prepared, prepare
 from .events import ActivationEvent, BatchEndEvent, GenerationResult, ResultEvent, StepEvent
 from .generation import GenerationConfig, generate
 from .model import Gemma3
@@ -154,17 +157,25 @@ def resume_plan(sinks: Sequence[Sink], spec: RunSpec, resume: bool, run_id: str 
 def serve(model: Gemma3, tokenizer: Tokenizer, spec: RunSpec, prompts: Sequence[Prompt], share: Sequence[Prompt],
           selection: Selection, publisher: Publisher, resume: bool = False, engines: int = 1,
           should_stop: Callable[[], bool] = lambda: False,
-          observe: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[GenerationResult], dict[str, Any]]:
+          observe: Callable[[dict[str, Any]], None] | None = None,
+          interventions: Sequence[Intervention] | None = None, control: ControlServer | None = None,
+          ) -> tuple[list[GenerationResult], dict[str, Any]]:
     """Waits for the sinks, then generates this engine's ``share`` of ``prompts`` (less what a resumed run has
     done) and publishes it. Returns the results and the ``run.end`` totals (with every sink's acknowledgement).
+    ``interventions``: those of ``spec`` as objects (the in-process API's may hold arrays no file has); None:
+    read from ``spec``. ``control``: a live control socket, which then holds the set in force.
     """
+    edits = prepare(parse_all(spec.interventions) if interventions is None else interventions, model.config)
+    if control is not None:
+        control.current = list(edits)
     sinks = publisher.wait_for_sinks(should_stop)
     spec, skip = resume_plan(sinks, spec, resume, publisher.run_id)
     config = generation_config(spec)
     todo = [p for p in share if p.index not in skip]
     segment = {"resume": resume, "skipped": sorted(skip)}
     publisher.start(run_info(model, config, selection, spec, prompts, engines, segment))
-    return publish_run(model, tokenizer, todo, config, selection, publisher, should_stop, observe=observe)
+    return publish_run(model, tokenizer, todo, config, selection, publisher, should_stop, observe=observe,
+                       edits=edits, control=control)
 
 
 def publish_run(
@@ -177,16 +188,18 @@ def publish_run(
     should_stop: Callable[[], bool] = lambda: False,
     stats_every: float = 1.0,
     observe: Callable[[dict[str, Any]], None] | None = None,
+    edits: Sequence[Prepared] = (),
+    control: ControlServer | None = None,
 ) -> tuple[list[GenerationResult], dict[str, Any]]:
-    """Generates ``prompts`` and publishes every event (after ``publisher.start``). Returns the results and the
-    ``run.end`` totals. ``observe`` also receives every ``stats`` snapshot (the in-process API shows progress
-    with it). A lost sink ends the run early, incomplete."""
+    """Generates ``prompts`` (with the prepared interventions ``edits``) and publishes every event (after
+    ``publisher.start``). Returns the results and the ``run.end`` totals. ``observe`` also receives every
+    ``stats`` snapshot (the in-process API shows progress with it). A lost sink ends the run early, incomplete."""
     results: list[GenerationResult] = []
     progress = Progress(len(prompts), config.batch_size, config.max_tokens)
     last_stats = progress.started
     reason = None
     try:
-        for event in generate(model, tokenizer, prompts, config, selection):
+        for event in generate(model, tokenizer, prompts, config, selection, edits, control):
             publisher.publish(event)
             progress.add(event)
             if isinstance(event, ResultEvent):
@@ -201,6 +214,8 @@ def publish_run(
                 publisher.stats(snapshot)
                 if observe is not None:
                     observe(snapshot)
+    except ControlTimeout as error:
+        reason = f"stopped: {error}"
     except Stopped:
         reason = "interrupted"
     except SinkLost as error:
@@ -208,5 +223,6 @@ def publish_run(
     except BaseException as error:
         publisher.finish(False, f"failed: {type(error).__name__}: {error}", progress.snapshot())
         raise
-    totals = publisher.finish(reason is None, reason, progress.snapshot())
+    notes = {"notes": control.notes} if control is not None and control.notes else {}
+    totals = publisher.finish(reason is None, reason, {**progress.snapshot(), **notes})
     return results, totals

@@ -2,16 +2,19 @@
 
 The functions below are imported on first use: ``load``, ``batch_generate`` and ``run_with_capture`` bring the
 engine (and MLX, after setting up a fast BLAS on Linux: engine/blas.py); the wire contract
-(``gemmalens.wire``), the sinks and ``open_activations`` need neither.
+(``gemmalens.wire``), the sinks, ``open_activations`` and the intervention helpers (``steer``, ``ablate``,
+``set_value``, ``clamp``, ``patch``: gemmalens/interventions.py) need neither.
 """
 
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "__version__"]
+__all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "steer", "ablate", "set_value", "clamp",
+           "patch", "__version__"]
 
 _ENTRY_POINTS = {"load": "gemmalens.engine", "run_with_capture": "gemmalens.engine", "batch_generate": "gemmalens.api",
-                 "open_activations": "gemmalens.sinks.reader"}
+                 "open_activations": "gemmalens.sinks.reader",
+                 **{name: "gemmalens.interventions" for name in ("steer", "ablate", "set_value", "clamp", "patch")}}
 
 
 def __getattr__(name: str):

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import zmq
 
+from gemmalens.engine.editing import prepare
 from gemmalens.engine.events import GenerationResult, ResultEvent, StepEvent
 from gemmalens.engine.generation import generate
 from gemmalens.engine.loading import chat_warning
@@ -20,6 +21,7 @@ from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import WARN_BYTES, Progress, capture_estimate, generation_config, serve
 from gemmalens.engine.selection import select
 from gemmalens.engine.tokenizer import Tokenizer
+from gemmalens.interventions import parse_all
 from gemmalens.prompts import Prompt
 from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.stats import ProgressView
@@ -49,6 +51,7 @@ def batch_generate(
     positions: str = DEFAULTS.positions,
     compress: bool = True,
     progress: bool | None = None,
+    interventions: Sequence = (),
 ) -> list[GenerationResult]:
     """Generates a continuation for each prompt; returns one result per prompt, in order.
 
@@ -58,15 +61,19 @@ def batch_generate(
     default every point) at the chosen ``positions`` ("all", "prompt",
     "generated", "last") are published as frames to an in-process npz
     archiver writing that folder. ``progress`` shows a bar on stderr (default:
-    when stderr is a terminal).
+    when stderr is a terminal). ``interventions``: edits applied during generation, as dicts of their JSON
+    form or the helpers' objects (``gemmalens.steer``...; docs/interventions.md); each result lists the ids
+    of those that edited it.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     records = [Prompt(i, text) for i, text in enumerate(prompts)]
+    edits = parse_all(interventions)
     spec = RunSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, seed=secrets.randbits(31) if seed is None else seed,
                    batch_size=batch_size, chat_mode=chat, stop=tuple(stop or ()),
                    save_activations=save_activations_dir is not None, capture=tuple(capture or ()),
                    exclude=tuple(exclude), layers=layers, positions=positions,
+                   interventions=tuple(iv.record() for iv in edits),
                    activations_dir=str(save_activations_dir) if save_activations_dir is not None else None)
     config = generation_config(spec)
     if chat and chat_warning(getattr(model, "source", {})):
@@ -77,7 +84,7 @@ def batch_generate(
             raise ValueError("capture needs save_activations_dir (or use run_with_capture for one forward pass)")
         counter = Progress(len(records), batch_size, max_tokens)
         results = []
-        for event in generate(model, tokenizer, records, config):
+        for event in generate(model, tokenizer, records, config, edits=prepare(edits, model.config)):
             counter.add(event)
             if isinstance(event, ResultEvent):
                 results.append(event.result)
@@ -99,7 +106,7 @@ def batch_generate(
     thread.start()
     try:
         results, totals = serve(model, tokenizer, spec, records, records, selection, publisher,
-                                observe=view.update if view is not None else None)
+                                observe=view.update if view is not None else None, interventions=edits)
     except BaseException:
         archiver.stop_requested = True  # it waits for a run that will not come, or end
         raise

@@ -27,11 +27,12 @@ from .errors import AddressError, WireError
 VERSION = 2
 
 RUN_START, TOKENS, RESULT, BATCH_END, STATS, RUN_END = "run.start", "tokens", "result", "batch.end", "stats", "run.end"
+INTERVENTION = "intervention"
 ACTIVATION = "act."  # topic prefix: act.<capture point>
 HELLO = "hello."  # hello.<sink>.<instance>: a subscriber's presence (its subscription); the engine's welcome, receipt
-CONTROL = (RUN_START, RUN_END, STATS, BATCH_END)  # every subscriber receives these
+CONTROL = (RUN_START, RUN_END, STATS, BATCH_END, INTERVENTION)  # every subscriber receives these
 KINDS = {RUN_START: "run_start", TOKENS: "tokens", RESULT: "result", BATCH_END: "batch_end", STATS: "stats",
-         RUN_END: "run_end"}
+         RUN_END: "run_end", INTERVENTION: "intervention"}
 SAMPLE_TEMPLATE = "generate.step_{k}.sample."  # sampling values: one name per step, e.g. generate.step_3.sample.token
 
 CODECS = ("raw", "lz4", "lz4+shuffle")
@@ -181,6 +182,9 @@ BODY = {
     "tokens": {"batch": _int, "step": _int, "prompts": _ints, "tokens": _ints, "positions": _ints, "frames": _int},
     "result": {"id": _int, "prompt": _str, "tokens": _ints, "text": _str, "finish_reason": _str},
     "batch_end": {"batch": _int, "prompts": _ints, "steps": _int},
+    "intervention": {"batch": _int, "step": _int,
+                     "interventions": lambda v: isinstance(v, list) and all(
+                         isinstance(x, dict) and _str(x.get("id")) and _ints(x.get("rows")) for x in v)},
     "stats": {},
     "run_end": {"complete": lambda v: isinstance(v, bool), "reason": _optional(_str),
                 "topics": lambda v: isinstance(v, dict) and all(_str(k) and _int(n) for k, n in v.items())},

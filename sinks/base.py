@@ -126,6 +126,9 @@ class Subscriber:
 
     def on_batch_end(self, batch: dict[str, Any]) -> None: ...
 
+    def on_intervention(self, body: dict[str, Any]) -> None:
+        """The interventions in force in ``body["batch"]`` from ``body["step"]`` on (docs/protocol.md)."""
+
     def on_stats(self, stats: dict[str, Any]) -> None: ...
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
@@ -340,6 +343,8 @@ class Subscriber:
             self.on_result(frame.body)
         elif kind == "batch_end":
             self.on_batch_end(frame.body)
+        elif kind == "intervention":
+            self.on_intervention(frame.body)
         elif kind == "stats":
             self.on_stats(frame.body)
         elif kind == "run_end":

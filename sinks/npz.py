@@ -79,6 +79,7 @@ class NpzArchiver(Subscriber):
         self.open: dict[int, dict[str, Any]] = {}  # batches not indexed yet: their files, tokens, steps in flight
         self.errors: list[BaseException] = []  # failed writes
         self.index: dict[str, Any] = {"batches": {}, "tokens": {}, "axes": {}}  # finished batches only
+        self.interventions: dict[int, list[dict[str, Any]]] = {}  # by batch, until it is indexed
         self.aside: Path | None = None
         self._writing = (processes, compress, writers, kwargs.get("context") or zmq.Context.instance())
         self._start_writer()
@@ -210,8 +211,14 @@ class NpzArchiver(Subscriber):
         del self.open[number]
         end = batch["end"]
         self.index["batches"][str(number)] = {"prompts": end["prompts"], "files": files, "steps": end["steps"]}
+        if number in self.interventions:
+            self.index["batches"][str(number)]["interventions"] = self.interventions.pop(number)
         self.index["tokens"].update(batch["tokens"])
         self._write_index()
+
+    def on_intervention(self, body: dict[str, Any]) -> None:
+        self.interventions.setdefault(body["batch"], []).append({"step": body["step"],
+                                                                 "interventions": body["interventions"]})
 
     def _finish(self) -> None:
         """Waits for every file handed out (once) and notes the outcomes."""

@@ -60,6 +60,7 @@ class ResultsWriter(Subscriber):
         self.segments: list[dict[str, Any]] = []  # earlier segments of a resumed run: their tokens and seconds
         self.aside: Path | None = None  # where an earlier complete run's files wait until this one completes
         self.error: Exception | None = None
+        self.interventions: dict[str, dict[str, Any]] = {}  # by id: each one's record and the prompts it edited
 
     def state(self) -> dict[str, Any]:
         return folder_state(self.output_dir)
@@ -87,6 +88,7 @@ class ResultsWriter(Subscriber):
             if info["segment"].get("resume") and not self.segments and (self.output_dir / SUMMARY).exists():
                 previous = json.loads((self.output_dir / SUMMARY).read_text())
                 self.segments = previous.get("segments") or []
+                self.interventions = {i["id"]: i for i in previous.get("interventions") or ()}
             dump_json(self.output_dir / RUN_CONFIG, info["spec"])
             dump_json(self.output_dir / METADATA, {"run": info.get("run"),
                                                    "prompts": [self.prompts[i] for i in sorted(self.prompts)],
@@ -109,6 +111,11 @@ class ResultsWriter(Subscriber):
         if self.echo:
             print(f"[{index}] {result['prompt']!r} -> {result['text']!r} ({result['finish_reason']})",
                   file=self.stream)
+
+    def on_intervention(self, body: dict[str, Any]) -> None:
+        for record in body["interventions"]:
+            known = self.interventions.setdefault(record["id"], {**record, "rows": []})
+            known["rows"] = sorted(set(known["rows"]) | set(record["rows"]))
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self._lines is not None:
@@ -161,6 +168,8 @@ class ResultsWriter(Subscriber):
             "model": info.get("model"),
             "generation": info.get("generation"),
             "capture": info.get("capture"),
+            "interventions": [self.interventions[k] for k in sorted(self.interventions)],
+            "notes": end.get("notes") or [],
             "versions": info.get("versions"),
             "device": info.get("device"),
             "stream": {"gaps": self.gaps, "missing": self.missing(), "rejected": self.rejected},
