@@ -199,21 +199,25 @@ def publish_run(
     last_stats = progress.started
     reason = None
     try:
-        for event in generate(model, tokenizer, prompts, config, selection, edits, control):
-            publisher.publish(event)
-            progress.add(event)
-            if isinstance(event, ResultEvent):
-                results.append(event.result)
-            elif isinstance(event, StepEvent) and should_stop():
-                reason = "interrupted"
-                break
-            now = time.perf_counter()
-            if now - last_stats >= stats_every:
-                last_stats = now
-                snapshot = progress.snapshot()
-                publisher.stats(snapshot)
-                if observe is not None:
-                    observe(snapshot)
+        try:
+            for event in generate(model, tokenizer, prompts, config, selection, edits, control):
+                publisher.publish(event)
+                progress.add(event)
+                if isinstance(event, ResultEvent):
+                    results.append(event.result)
+                elif isinstance(event, StepEvent) and should_stop():
+                    reason = "interrupted"
+                    break
+                now = time.perf_counter()
+                if now - last_stats >= stats_every:
+                    last_stats = now
+                    snapshot = progress.snapshot()
+                    publisher.stats(snapshot)
+                    if observe is not None:
+                        observe(snapshot)
+        finally:  # a controller waiting on a pass that will not come is answered now
+            if control is not None:
+                control.ended()
     except ControlTimeout as error:
         reason = f"stopped: {error}"
     except Stopped:

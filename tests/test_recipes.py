@@ -128,6 +128,22 @@ def test_the_subscriber_recipe(tmp_path):
     assert norms["complete"] and len(norms["norms"]) == 8 and all(len(n) == 8 for n in norms["norms"].values())
 
 
+def test_the_interventions_recipes(tmp_path):
+    block = recipe("docs/interventions.md", "cli").replace("--max-tokens 8", "--max-tokens 3")
+    done = shell("set -e\n" + block, tmp_path)
+    assert done.wait(300) == 0, done.communicate()
+    rows = {r["id"]: r["interventions"] for r in load_json(tmp_path / "steered" / "results.json")}
+    assert len(rows[0]) == 2 and rows[0][1] == "towards-v" and all(rows[i] == ["towards-v"] for i in range(2, 8))
+    assert load_json(tmp_path / "steered2" / "summary.json")["complete"]
+    (tmp_path / "probe.py").write_text(recipe("docs/interventions.md", "probe.py"))
+    line = commands(recipe("docs/interventions.md", "probe"), **{"--max-tokens 8": "--max-tokens 3",
+                                                                  "/tmp/probe-control": tmp_path / "control"})[0]
+    probed = shell(line, tmp_path)
+    assert probed.wait(300) == 0, probed.communicate()
+    summary = load_json(tmp_path / "probed" / "summary.json")
+    assert summary["complete"] and summary["interventions"] and summary["interventions"][0]["scale"] == -1.0
+
+
 def test_the_readme_names_every_run_option():
     from gemmalens.cli.main import run
 

@@ -113,9 +113,7 @@ def test_bad_requests_are_refused_and_the_run_goes_on(tiny, tmp_path):
         return answers
 
     thread, out = in_thread(misbehave)
-    while thread.is_alive():  # what generation does between forward passes
-        server.changes(0, 1)
-        thread.join(0.01)
+    thread.join(30)  # answered before the run starts: the socket has its own thread
     try:
         events = run(tiny, server, max_tokens=3)
     finally:
