@@ -155,8 +155,9 @@ class ControlServer:
             who = frames[0]
             try:
                 self._handle(who, json.loads(frames[-1]) if len(frames) >= 2 else None)
-            except (ConfigError, ValueError, TypeError, KeyError) as error:
-                self._reply(who, {"ok": False, "error": str(error)})
+            except Exception as error:  # a bad request is refused, whatever it is; the run goes on
+                self._reply(who, {"ok": False, "error": f"{type(error).__name__}: {error}" if not isinstance(
+                    error, ConfigError) else str(error)})
 
     def _handle(self, who: bytes, body: Any) -> None:
         if not isinstance(body, dict) or body.get("op") not in OPS:

@@ -22,7 +22,7 @@ from gemmalens.prompts import Prompt
 from gemmalens.sinks.base import SinkError, Subscriber
 from gemmalens.spec import RunSpec
 
-RUN = ["--max-tokens", 40, "--batch-size", 2, "--seed", 3, "--temperature", 0.9, "--save-activations",
+RUN = ["--max-tokens", 24, "--batch-size", 2, "--seed", 3, "--temperature", 0.9, "--save-activations",
        "--capture", "model.layers.*.resid_out", "--capture", "generate.*.sample.token"]
 
 

@@ -99,7 +99,7 @@ def test_bad_requests_are_refused_and_the_run_goes_on(tiny, tmp_path):
         answers = []
         socket = zmq.Context.instance().socket(zmq.REQ)
         socket.connect(address)
-        for raw in (b"\xff not json", b"[1, 2]", json.dumps({"op": "explode"}).encode(),
+        for raw in (b"\xff not json", b"[" * 100000, b"[1, 2]", json.dumps({"op": "explode"}).encode(),
                     json.dumps({"op": "apply", "interventions": [{"op": "zero", "site": "model.layers.9.mlp"}]}).encode()):
             socket.send(raw)
             answers.append(json.loads(socket.recv()))
@@ -119,8 +119,8 @@ def test_bad_requests_are_refused_and_the_run_goes_on(tiny, tmp_path):
     finally:
         server.close()
     answers = out["result"]
-    assert [a["ok"] for a in answers] == [False] * 5 + [True]
-    assert "'op' one of apply, clear, list, go" in answers[1]["error"]
-    assert "not a site this model can edit" in answers[3]["error"] and "the site takes" in answers[4]["error"]
-    assert answers[5]["in_force"] == []
+    assert [a["ok"] for a in answers] == [False] * 6 + [True]
+    assert "'op' one of apply, clear, list, go" in answers[2]["error"]
+    assert "not a site this model can edit" in answers[4]["error"] and "the site takes" in answers[5]["error"]
+    assert answers[6]["in_force"] == []
     assert sum(isinstance(e, ResultEvent) for e in events) == 2
