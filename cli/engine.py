@@ -81,7 +81,7 @@ def engine(**o):
     from gemmalens.engine.control import ControlServer
     from gemmalens.engine.loading import chat_warning, load
     from gemmalens.engine.publisher import Publisher
-    from gemmalens.engine.run import capture_estimate, check_prompts, generation_config, serve
+    from gemmalens.engine.run import attached_saes, capture_estimate, check_prompts, generation_config, serve
     from gemmalens.engine.selection import NO_SELECTION, select
 
     stop = {}
@@ -101,7 +101,8 @@ def engine(**o):
                           sink_timeout=o["sink_timeout"])
     try:
         model, tokenizer = load(spec.model, dtype=spec.dtype)
-        selection = (select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions)
+        saes = attached_saes(spec, model)
+        selection = (select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions, saes)
                      if spec.patterns else NO_SELECTION)
         config = generation_config(spec)
         check_prompts(tokenizer, share, config.chat, config.max_tokens, model.config.max_position_embeddings)
@@ -120,10 +121,11 @@ def engine(**o):
     if config.chat and chat_warning(model.source):
         click.echo(chat_warning(model.source), err=True)
     if selection:
-        click.echo(capture_estimate(model, tokenizer, share, config, selection)[1], err=True)
+        click.echo(capture_estimate(model, tokenizer, share, config, selection, saes)[1], err=True)
     try:
         _, totals = serve(model, tokenizer, spec, prompts, share, selection, publisher, resume=o["resume"],
-                          engines=o["shard"][1], should_stop=lambda: "signal" in stop, control=control)
+                          engines=o["shard"][1], should_stop=lambda: "signal" in stop, control=control,
+                          saes=saes)
     finally:
         if control is not None:
             control.close()

@@ -131,17 +131,21 @@ def _check_inputs(o: dict, spec: RunSpec) -> None:
     from gemmalens.curve import check_exposure
     from gemmalens.engine.config import config_from_hf
     from gemmalens.engine.loading import read_config_json, resolve
+    from gemmalens.engine.sae import load_sae
     from gemmalens.engine.selection import select
 
     if spec.prompts_file:
         load_prompts(spec.prompts_file)
     config = config_from_hf(read_config_json(resolve(spec.model)))
-    select(config, list(spec.patterns) or ["*"], list(spec.exclude), spec.layers, spec.positions)
+    saes = [load_sae(source) for source in spec.saes]
+    for sae in saes:
+        sae.check(config)
+    select(config, list(spec.patterns) or ["*"], list(spec.exclude), spec.layers, spec.positions, saes)
     if spec.interventions:
         from gemmalens.engine.editing import prepare
         from gemmalens.interventions import parse_all
 
-        prepare(parse_all(spec.interventions), config)
+        prepare(parse_all(spec.interventions), config, saes)
     curve = o["curve_secret"] if require_pair(o, "curve_secret", "curve_allow") else None
     check_exposure([a for a in (o["bind"], o["lossy_bind"], o["control"]) if a], curve, o["insecure"])
 
@@ -329,6 +333,7 @@ def run(**o):
         o["prompts_file"] = str(Path(o["prompts_file"]).resolve())
     if o["model"] is not None and Path(o["model"]).expanduser().exists():
         o["model"] = str(Path(o["model"]).expanduser().absolute())
+    o["saes"] = tuple(str(Path(s).expanduser().absolute()) if Path(s).expanduser().exists() else s for s in o["saes"])
     out = Path(o["output_dir"])
     acts = Path(o["activations_dir"]) if o["activations_dir"] else out / "activations"
     acts = acts if o["save_activations"] or (o["resume"] and (acts / "activations_index.json").exists()) else None

@@ -22,7 +22,7 @@ DEFAULTS = RunSpec()
 # The RunSpec fields the generation options set (the rest come from other options of each command).
 SPEC_OPTIONS = ("model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
                 "batch_size", "chat_mode", "stop", "capture", "exclude", "layers", "positions", "wire_dtype",
-                "save_activations", "prompts_file", "codec")
+                "save_activations", "prompts_file", "codec", "saes")
 INTERVENTION_OPTIONS = ("interventions_file", "steer", "ablate")  # together they set RunSpec.interventions
 
 
@@ -68,6 +68,10 @@ def generation_options(command):
         click.option("--codec", type=click.Choice(CODECS), default=DEFAULTS.codec, show_default=True,
                      help="Payload encoding on the bus. lz4+shuffle packs dense floats somewhat tighter at a few "
                           "times the CPU cost (docs/performance.md)."),
+        click.option("--sae", "saes", multiple=True, metavar="SOURCE",
+                     help="Attach a Gemma Scope 2 SAE or transcoder (a local folder or REPO_ID/FOLDER/SAE on the Hub; "
+                          "repeatable): its features become capture points sae.<name>.features/.error and its "
+                          "features can be steered (docs/saes.md)."),
         click.option("--interventions", "interventions_file", type=click.Path(dir_okay=False), default=None,
                      help="A JSON file of interventions: edits applied during generation (docs/interventions.md)."),
         click.option("--steer", multiple=True, metavar="SITE=FILE.npy[*SCALE]",

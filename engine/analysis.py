@@ -46,19 +46,23 @@ class CapturedValues(dict):
         self.tokens = tokens
 
 
-def run_with_capture(model: Gemma3, tokenizer: Tokenizer, inputs, names: Sequence[str] = (), interventions=()):
+def run_with_capture(model: Gemma3, tokenizer: Tokenizer, inputs, names: Sequence[str] = (), interventions=(),
+                     saes=()):
     """One forward pass: logits ``[batch, seq, vocab]`` and the captured ``names`` (a ``CapturedValues``).
 
     ``interventions`` (gemmalens/interventions.py) edit it as in generation's prompt pass (step 0); their
-    ``prompts`` are row numbers here, and captured values at an edited site are the edited ones."""
+    ``prompts`` are row numbers here, and captured values at an edited site are the edited ones. ``saes``
+    (``load_sae``) add the points ``sae.<name>.features`` and ``sae.<name>.error`` (dense)."""
     ids, pad = as_token_batch(tokenizer, inputs)
-    edits = None
+    for sae in saes:
+        sae.check(model.config)
+    edits, plan = None, None
     if interventions:
         rows = [Prompt(r, "") for r in range(ids.shape[0])]
-        batch = BatchEdits(prepare(parse_all(interventions), model.config), rows, pad.tolist(), ids.shape[1],
+        batch = BatchEdits(prepare(parse_all(interventions), model.config, saes), rows, pad.tolist(), ids.shape[1],
                            model.dtype)
-        edits = batch.at(0, np.arange(ids.shape[1])) if batch else None
-    cap = Capture(names, edits) if names or edits else NO_CAPTURE
+        edits, plan = (batch.at(0, np.arange(ids.shape[1])), batch.plan) if batch else (None, None)
+    cap = Capture(names, edits, saes, plan) if names or edits or saes else NO_CAPTURE
     logits = model(ids, pad, cap=cap)
     values = cap.take()
     mx.eval(logits, values)

@@ -30,13 +30,15 @@ HEAD_AXES = {"H": "H", "G": "G", "H*D": "H", "G*D": "G"}  # a site's first dimen
 class Prepared:
     """An intervention checked against the model: ``tail`` the site's shape after ``[batch, seq]``, ``where``
     the entries of one position it edits (heads, clamp's index), ``values`` what it writes (``[*tail]``, or
-    ``[P, *tail]`` by position with ``present[P]`` saying which positions it has)."""
+    ``[P, *tail]`` by position with ``present[P]`` saying which positions it has), at ``site``."""
 
     intervention: Intervention
     tail: tuple[int, ...]
     where: np.ndarray
     values: np.ndarray | None
     present: np.ndarray | None
+    site: str
+    feature: tuple[str, int] | None = None  # clamp/ablate_feature: (SAE name, feature), applied by the capture
 
 
 def editable_sites(config: Gemma3Config) -> dict[str, list[str]]:
@@ -45,22 +47,44 @@ def editable_sites(config: Gemma3Config) -> dict[str, list[str]]:
             if name.startswith("model.") and not shape.startswith("B,H,S,K")}
 
 
-def prepare(interventions: Sequence[Intervention], config: Gemma3Config) -> list[Prepared]:
+def prepare(interventions: Sequence[Intervention], config: Gemma3Config, saes: Sequence = ()) -> list[Prepared]:
+    """Checks each intervention against the model (and the attached SAEs, for feature ops)."""
     sites, sizes = editable_sites(config), dimension_sizes(config)
-    return [_prepare(iv, sites, sizes, f"intervention {n} ({iv.op} at {iv.site})")
-            for n, iv in enumerate(interventions)]
+    by_name = {sae.name: sae for sae in saes}
+    out = []
+    for n, iv in enumerate(interventions):
+        where = f"intervention {n} ({iv.op} at {iv.site or iv.sae})"
+        out.append(_prepare_feature(iv, by_name, sites, sizes, where) if iv.sae is not None
+                   else _prepare(iv, iv.site, sites, sizes, where))
+    return out
 
 
-def _prepare(iv: Intervention, sites: dict[str, list[str]], sizes: dict[str, int], where: str) -> Prepared:
-    if iv.site not in sites:
-        near = difflib.get_close_matches(iv.site, list(sites), n=5, cutoff=0.5)
-        attention = iv.site.endswith(("attn_scores", "attn_weights"))
-        raise ConfigError(f"{where}: {iv.site!r} is not a site this model can edit"
+def _prepare_feature(iv: Intervention, saes: dict, sites, sizes, where: str) -> Prepared:
+    """A feature op: ``add_feature`` is ``add`` of the decoder row at the SAE's output site; ``clamp_feature`` and
+    ``ablate_feature`` move the value by ``(c - f_i) * w_dec[i]`` there, ``f_i`` encoded from the SAE's input."""
+    sae = saes.get(iv.sae)
+    if sae is None:
+        raise ConfigError(f"{where}: no SAE named {iv.sae!r} is attached (attached: {', '.join(saes) or 'none'}; "
+                          "attach it with --sae or saes=[...])")
+    if iv.feature >= sae.width:
+        raise ConfigError(f"{where}: feature {iv.feature} outside 0-{sae.width - 1} of SAE {sae.name}")
+    row = np.array(sae.w_dec[iv.feature].astype(mx.float32))
+    prepared = _prepare(iv, sae.site_out, sites, sizes, where)
+    return Prepared(iv, prepared.tail, prepared.where, row, None, sae.site_out,
+                    None if iv.op == "add_feature" else (sae.name, iv.feature))
+
+
+def _prepare(iv: Intervention, site: str, sites: dict[str, list[str]], sizes: dict[str, int], where: str
+             ) -> Prepared:
+    if site not in sites:
+        near = difflib.get_close_matches(site, list(sites), n=5, cutoff=0.5)
+        attention = site.endswith(("attn_scores", "attn_weights"))
+        raise ConfigError(f"{where}: {site!r} is not a site this model can edit"
                           + ("; attention scores and weights cannot be edited (edit queries_rope or keys_rope, or "
                              "zero heads at self_attn.attn_out)" if attention else "")
                           + (f"; nearest: {', '.join(near)}" if near and not attention else "")
                           + " (`gemmalens names` lists the capture points)")
-    dims = sites[iv.site]
+    dims = sites[site]
     tail = tuple(eval_dim(d, sizes) for d in dims)
     mask = np.ones(tail, dtype=bool)
     if iv.heads is not None:
@@ -78,7 +102,7 @@ def _prepare(iv: Intervention, sites: dict[str, list[str]], sizes: dict[str, int
             present = np.ones(values.shape[0], dtype=bool)
     elif iv.op == "patch":
         values, present = _source(iv, tail, where)
-    return Prepared(iv, tail, mask, values, present)
+    return Prepared(iv, tail, mask, values, present, site)
 
 
 def _head_mask(iv: Intervention, dims: list[str], tail: tuple[int, ...], sizes, where: str) -> np.ndarray:
@@ -133,8 +157,10 @@ def _source(iv: Intervention, tail: tuple[int, ...], where: str) -> tuple[np.nda
 
 
 class BatchEdits:
-    """The edits of one batch: ``at(step, slots)`` gives each edited site's ``(keep, put)`` for a forward pass
-    over the key ``slots`` of the left-padded sequence (the prompt pass: 0..width-1; decode step k: width+k-1)."""
+    """The edits of one batch: ``at(step, slots)`` gives each edited site's ``(keep, put, features)`` for a forward
+    pass over the key ``slots`` of the left-padded sequence (the prompt pass: 0..width-1; decode step k:
+    width+k-1). ``features`` holds a ``(mask, value)`` pair per entry of ``plan[site]`` (an SAE name and feature
+    to clamp there; ``mask`` ``[batch, seq, 1]`` is 1 where it applies)."""
 
     def __init__(self, prepared: Sequence[Prepared], prompts: Sequence[Prompt], pads: Sequence[int], width: int,
                  dtype: mx.Dtype):
@@ -142,11 +168,18 @@ class BatchEdits:
                      for p in prepared}
         self.prepared = [p for p in prepared if self.rows[id(p)].any()]
         self.pads, self.width, self.dtype = np.array(pads), width, dtype
-        self.sites = sorted({p.intervention.site for p in self.prepared})
+        self.sites = sorted({p.site for p in self.prepared})
+        self.plan = {site: tuple(p.feature for p in self.prepared if p.site == site and p.feature is not None)
+                     for site in self.sites}
         self.indices = [q.index for q in prompts]
 
     def __bool__(self) -> bool:
         return bool(self.prepared)
+
+    @property
+    def structure(self) -> tuple:
+        """What a compiled step depends on besides the arrays' values: the sites and the feature clamps."""
+        return tuple(sorted(self.plan.items()))
 
     def records(self) -> list[dict]:
         """What is in force in this batch: each intervention's record, id and rows (prompt ids)."""
@@ -158,44 +191,52 @@ class BatchEdits:
         row = self.indices.index(index)
         return [p.intervention.id for p in self.prepared if self.rows[id(p)][row]]
 
-    def at(self, step: int, slots: np.ndarray) -> dict[str, tuple[mx.array, mx.array]]:
+    def at(self, step: int, slots: np.ndarray) -> dict[str, tuple]:
         B, L = len(self.pads), len(slots)
         positions = np.asarray(slots)[None, :] - self.pads[:, None]  # [B, L]; < 0: padding
         prompt_length = (self.width - self.pads)[:, None]
         out = {}
         for site in self.sites:
-            keep = put = None
+            tail = next(p.tail for p in self.prepared if p.site == site)
+            keep, put = np.ones((B, L, *tail), np.float32), np.zeros((B, L, *tail), np.float32)
+            features = []
             for p in self.prepared:
                 iv = p.intervention
-                if iv.site != site or not iv.in_force(step):
+                if p.site != site:
                     continue
-                if keep is None:
-                    keep, put = np.ones((B, L, *p.tail), np.float32), np.zeros((B, L, *p.tail), np.float32)
-                chosen = self.rows[id(p)][:, None] & (positions >= 0)
-                if iv.positions == "prompt":
-                    chosen &= positions < prompt_length
-                elif iv.positions == "generated":
-                    chosen &= positions >= prompt_length
-                elif not isinstance(iv.positions, str):
-                    chosen &= np.isin(positions, iv.positions)
+                chosen = self._chosen(p, step, positions, prompt_length)
+                if p.feature is not None:  # applied by the capture: where, and the value to clamp to
+                    value = np.full((B, L, 1), iv.value if iv.op == "clamp_feature" else 0.0, np.float32)
+                    features.append((mx.array(chosen[..., None].astype(np.float32), dtype=self.dtype),
+                                     mx.array(value, dtype=self.dtype)))
+                    continue
                 values = p.values
                 if p.present is not None:  # by position: where it has a value
                     at = np.clip(positions, 0, len(p.present) - 1)
                     chosen &= (positions < len(p.present)) & p.present[at]
                     values = p.values[at]
-                edited = chosen.reshape(B, L, *(1,) * len(p.tail)) & p.where
+                edited = chosen.reshape(B, L, *(1,) * len(tail)) & p.where
                 k, v = _op(iv, values)
                 keep, put = np.where(edited, keep * k, keep), np.where(edited, put * k + v, put)
-            if keep is None:  # nothing in force at this step: the identity, so the compiled step's inputs stay
-                tail = next(p.tail for p in self.prepared if p.intervention.site == site)
-                keep, put = np.ones((B, L, *tail), np.float32), np.zeros((B, L, *tail), np.float32)
-            out[site] = (mx.array(keep, dtype=self.dtype), mx.array(put, dtype=self.dtype))
+            out[site] = (mx.array(keep, dtype=self.dtype), mx.array(put, dtype=self.dtype), tuple(features))
         return out
+
+    def _chosen(self, p: Prepared, step: int, positions: np.ndarray, prompt_length: np.ndarray) -> np.ndarray:
+        """``[B, L]``: where ``p`` edits in this pass (nothing when it is not in force at ``step``)."""
+        iv = p.intervention
+        chosen = self.rows[id(p)][:, None] & (positions >= 0) & iv.in_force(step)
+        if iv.positions == "prompt":
+            chosen &= positions < prompt_length
+        elif iv.positions == "generated":
+            chosen &= positions >= prompt_length
+        elif not isinstance(iv.positions, str):
+            chosen &= np.isin(positions, iv.positions)
+        return chosen
 
 
 def _op(iv: Intervention, values: np.ndarray | None) -> tuple[float, np.ndarray | float]:
     """An op as (factor of x, what is added): ``x * k + v``."""
-    if iv.op == "add":
+    if iv.op in ("add", "add_feature"):
         return 1.0, iv.scale * values
     if iv.op == "zero":
         return 0.0, 0.0

@@ -22,6 +22,7 @@ from .cache import Cache, GlobalCache, SlidingCache
 from .control import ControlServer
 from .capture import NO_CAPTURE, Capture
 from .editing import BatchEdits, Prepared
+from .sae import SAE, SaeMonitor
 from .events import ActivationEvent, BatchEndEvent, GenerationResult, InterventionEvent, ResultEvent, StepEvent
 from .model import Gemma3
 from .sampling import SamplingParams, sample, step_keys
@@ -71,6 +72,8 @@ def generate(
     selection: Selection = NO_SELECTION,
     edits: Sequence[Prepared] = (),
     control: ControlServer | None = None,
+    saes: Sequence[SAE] = (),
+    monitor: SaeMonitor | None = None,
 ) -> Iterator[StepEvent | ActivationEvent | ResultEvent | BatchEndEvent | InterventionEvent]:
     """Generates for every prompt, ``config.batch_size`` at a time, yielding events in order.
 
@@ -78,11 +81,12 @@ def generate(
     ``edits``: the run's interventions (``editing.prepare``); a batch they touch starts with an
     ``InterventionEvent`` saying which apply to which rows, and another comes whenever ``control`` (live
     control, engine/control.py; it then holds the set in force) changes them, from the step they take effect.
+    ``saes`` (engine/sae.py) are encoded where they read at every pass; ``monitor`` gathers their error and L0.
     """
     prompts = list(prompts)
     for start in range(0, len(prompts), config.batch_size):
         yield from _generate_batch(model, tokenizer, prompts[start:start + config.batch_size], config, selection,
-                                   edits, control, start == 0)
+                                   edits, control, start == 0, tuple(saes), monitor)
 
 
 class DecodeStep:
@@ -97,39 +101,41 @@ class DecodeStep:
     _functions: dict = {}
 
     def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool = True,
-                 sites: frozenset[str] = frozenset()):
+                 structure: tuple = (), saes: tuple = ()):
         self.cache = cache
         self._slots = mx.arange(cache.capacity)  # its length tells the traced step the capacity
         model.keep_derived()
-        key = (id(model), names, compiled, sites)
+        key = (id(model), names, compiled, structure, tuple(id(sae) for sae in saes))
         if key not in DecodeStep._functions:
-            DecodeStep._functions[key] = _decode_function(model, names, compiled)
+            DecodeStep._functions[key] = _decode_function(model, names, compiled, saes, dict(structure))
             weakref.finalize(model, DecodeStep._functions.pop, key, None)
         self._step = DecodeStep._functions[key]
-        self.sites = sites
+        self.structure = structure
 
-    def __call__(self, tokens: mx.array, pad: mx.array, edits: dict | None = None) -> tuple[mx.array, dict]:
-        """Logits ``[B, V]`` for tokens ``[B, 1]``, and the captured values; ``edits`` the ``(keep, put)`` of each
-        edited site (the same sites at every call)."""
-        logits, arrays, offset, values = self._step(*self.cache.take_state(), tokens, pad, self._slots, edits or {})
+    def __call__(self, tokens: mx.array, pad: mx.array, edits: dict | None = None) -> tuple[mx.array, dict, dict]:
+        """Logits ``[B, V]`` for tokens ``[B, 1]``, the captured values and the SAEs' ``(error, L0)``; ``edits``
+        those of each edited site (the same structure at every call)."""
+        logits, arrays, offset, values, stats = self._step(*self.cache.take_state(), tokens, pad, self._slots,
+                                                           edits or {})
         self.cache.put_state(arrays, offset)
-        return logits, values
+        return logits, values, stats
 
 
-def _decode_function(model: Gemma3, names: frozenset[str], compiled: bool):
+def _decode_function(model: Gemma3, names: frozenset[str], compiled: bool, saes: tuple, plan: dict):
     kinds = [SlidingCache if model.config.is_sliding(i) else GlobalCache for i in range(model.config.num_hidden_layers)]
 
     def step(arrays, offset, tokens, pad, slots, edits):
         cache = Cache([kind(*pair) for kind, pair in zip(kinds, arrays)], offset, slots.shape[0])
-        cap = Capture(names, edits) if names or edits else NO_CAPTURE
+        cap = Capture(names, edits, saes, plan) if names or edits or saes else NO_CAPTURE
         logits = model(tokens, pad, cache, cap, last_only=True)[:, -1]
-        return logits, [(c.keys, c.values) for c in cache.layers], cache.offset, cap.take()
+        return logits, [(c.keys, c.values) for c in cache.layers], cache.offset, cap.take(), cap.sae_stats
 
     return mx.compile(step) if compiled else step
 
 
 def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationConfig, selection: Selection,
-                    prepared: Sequence[Prepared], control: ControlServer | None, first: bool):
+                    prepared: Sequence[Prepared], control: ControlServer | None, first: bool, saes: tuple,
+                    monitor: SaeMonitor | None):
     started = time.perf_counter()
     indices, batch = [p.index for p in prompts], prompts[0].index
     formatted = [tokenizer.format(p.text, config.chat) for p in prompts]
@@ -156,7 +162,7 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
             control.wait(batch, 0)
         control.changes(batch, 0)
         prepared = control.current
-    editing = _Editing(model, cache, decode_names, config.compiled, prompts, pads, width)
+    editing = _Editing(model, cache, decode_names, config.compiled, prompts, pads, width, saes)
     announced = editing.use(batch, 0, prepared)
     if announced is not None:
         yield announced
@@ -164,9 +170,9 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
     capture_dtype = CAPTURE_DTYPES.get(config.capture_dtype)
     wanted = selection.names_for_step(0)
     prompt_edits = editing.at(0, width)
-    cap = Capture(wanted, prompt_edits) if wanted or prompt_edits else NO_CAPTURE
+    cap = (Capture(wanted, prompt_edits, saes, editing.plan) if wanted or prompt_edits or saes else NO_CAPTURE)
     logits = model(ids, pad, cache, cap, last_only=True)[:, -1]
-    captured = cap.take()
+    captured, measured = cap.take(), cap.sae_stats
     for step in range(config.max_tokens):
         keys = None if config.sampling.temperature == 0 else step_keys(config.seed, indices, step)
         tokens, record = sample(logits, seen, config.sampling, keys)
@@ -184,12 +190,16 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
             # captured values leave the device (in the publisher's threads) while the next one runs.
             if control is not None and (announced := editing.update(batch, step + 1, control)) is not None:
                 yield announced
-            logits, next_captured = editing.decode(tokens[:, None], pad, editing.at(step + 1, width + step))
-            mx.async_eval(logits, *next_captured.values())
+            logits, next_captured, next_measured = editing.decode(tokens[:, None], pad,
+                                                                  editing.at(step + 1, width + step))
+            mx.async_eval(logits, *next_captured.values(), *next_measured.values())
         chosen = tokens.tolist()
         if step == 0:
             prompt_seconds = time.perf_counter() - started
         live = [finish[r] is None for r in range(B)]
+        if monitor is not None and measured:
+            slots = np.arange(width) if step == 0 else np.array([width + step - 1])
+            monitor.add(measured, (slots[None, :] >= np.array(pads)[:, None]) & np.array(live)[:, None])
         frames = 0
         if values is not None:
             mx.eval(list(values.buffers.values()))  # done already: queued before the tokens just read
@@ -219,10 +229,12 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
             control.wait(batch, step + 1)
             if (announced := editing.update(batch, step + 1, control)) is not None:
                 yield announced
-            logits, next_captured = editing.decode(tokens[:, None], pad, editing.at(step + 1, width + step))
+            logits, next_captured, next_measured = editing.decode(tokens[:, None], pad,
+                                                                  editing.at(step + 1, width + step))
         if more:
             wanted = selection.names_for_step(step + 1)
             captured = next_captured if wanted else {}
+            measured = next_measured
     yield BatchEndEvent(batch, list(indices), step + 1)
 
 
@@ -230,8 +242,9 @@ class _Editing:
     """A batch's edits as the set in force changes: its ``BatchEdits``, the decode step for their sites, and the
     ids of every intervention that edited each row (``applied``, by prompt id)."""
 
-    def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool, prompts, pads, width):
-        self.model, self.cache, self.names, self.compiled = model, cache, names, compiled
+    def __init__(self, model: Gemma3, cache: Cache, names: frozenset[str], compiled: bool, prompts, pads, width,
+                 saes: tuple):
+        self.model, self.cache, self.names, self.compiled, self.saes = model, cache, names, compiled, saes
         self.prompts, self.pads, self.width = prompts, pads, width
         self.applied: dict[int, list[str]] = {p.index: [] for p in prompts}
         self.edits: BatchEdits | None = None
@@ -241,9 +254,9 @@ class _Editing:
         """Puts ``prepared`` in force from ``step``; the event that says so, when there is something to say."""
         had = bool(self.edits)
         self.edits = BatchEdits(prepared, self.prompts, self.pads, self.width, self.model.dtype)
-        sites = frozenset(self.edits.sites)
-        if self.decode is None or self.decode.sites != sites:
-            self.decode = DecodeStep(self.model, self.cache, self.names, self.compiled, sites)
+        structure = self.edits.structure
+        if self.decode is None or self.decode.structure != structure:
+            self.decode = DecodeStep(self.model, self.cache, self.names, self.compiled, structure, self.saes)
         for index, ids in self.applied.items():
             ids.extend(i for i in self.edits.ids_for(index) if i not in ids)
         if self.edits or had:
@@ -253,6 +266,10 @@ class _Editing:
     def update(self, batch: int, step: int, control: ControlServer) -> InterventionEvent | None:
         changed = control.changes(batch, step)
         return None if changed is None else self.use(batch, step, changed)
+
+    @property
+    def plan(self) -> dict:
+        return self.edits.plan if self.edits else {}
 
     def at(self, step: int, first_slot: int) -> dict | None:
         """The edits of the forward pass of ``step`` (the prompt pass: every slot from 0; else one slot)."""

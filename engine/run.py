@@ -10,6 +10,7 @@ the end message then says the run is incomplete.
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
@@ -27,6 +28,7 @@ from .events import ActivationEvent, BatchEndEvent, GenerationResult, ResultEven
 from .generation import GenerationConfig, generate
 from .model import Gemma3
 from .publisher import Publisher, Sink, Stopped
+from .sae import SAE, SaeMonitor, load_sae
 from .sampling import SamplingParams
 from .selection import Selection, estimate_bytes
 from .tokenizer import Tokenizer
@@ -106,11 +108,11 @@ def check_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt], chat: bool, m
 
 
 def capture_estimate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[Prompt], config: GenerationConfig,
-                     selection: Selection) -> tuple[int, str]:
+                     selection: Selection, saes: Sequence[SAE] = ()) -> tuple[int, str]:
     """The bytes a capture run writes at most (``estimate_bytes``) and a line saying so; above 1 GiB the line
     warns and says how to narrow the capture."""
     lengths = [len(tokenizer.encode(p.text, config.chat)) for p in prompts]
-    size = estimate_bytes(model.config, selection, lengths, config.max_tokens, config.batch_size)
+    size = estimate_bytes(model.config, selection, lengths, config.max_tokens, config.batch_size, saes)
     points = len(selection.model_names) + len(selection.names_for_step(1) - selection.model_names)
     line = (f"capture: at most {size / 1e9:.2f} GB before compression ({points} points, {len(prompts)} prompts, up "
             f"to {config.max_tokens} tokens each)")
@@ -159,13 +161,15 @@ def serve(model: Gemma3, tokenizer: Tokenizer, spec: RunSpec, prompts: Sequence[
           should_stop: Callable[[], bool] = lambda: False,
           observe: Callable[[dict[str, Any]], None] | None = None,
           interventions: Sequence[Intervention] | None = None, control: ControlServer | None = None,
-          ) -> tuple[list[GenerationResult], dict[str, Any]]:
+          saes: Sequence[SAE] | None = None) -> tuple[list[GenerationResult], dict[str, Any]]:
     """Waits for the sinks, then generates this engine's ``share`` of ``prompts`` (less what a resumed run has
     done) and publishes it. Returns the results and the ``run.end`` totals (with every sink's acknowledgement).
     ``interventions``: those of ``spec`` as objects (the in-process API's may hold arrays no file has); None:
-    read from ``spec``. ``control``: a live control socket, which then holds the set in force.
+    read from ``spec``. ``control``: a live control socket, which then holds the set in force. ``saes``: the
+    attached SAEs (None: loaded from ``spec.saes``).
     """
-    edits = prepare(parse_all(spec.interventions) if interventions is None else interventions, model.config)
+    saes = attached_saes(spec, model) if saes is None else list(saes)
+    edits = prepare(parse_all(spec.interventions) if interventions is None else interventions, model.config, saes)
     if control is not None:
         control.current = list(edits)
     sinks = publisher.wait_for_sinks(should_stop)
@@ -175,7 +179,7 @@ def serve(model: Gemma3, tokenizer: Tokenizer, spec: RunSpec, prompts: Sequence[
     segment = {"resume": resume, "skipped": sorted(skip)}
     publisher.start(run_info(model, config, selection, spec, prompts, engines, segment))
     return publish_run(model, tokenizer, todo, config, selection, publisher, should_stop, observe=observe,
-                       edits=edits, control=control)
+                       edits=edits, control=control, saes=saes)
 
 
 def publish_run(
@@ -190,17 +194,19 @@ def publish_run(
     observe: Callable[[dict[str, Any]], None] | None = None,
     edits: Sequence[Prepared] = (),
     control: ControlServer | None = None,
+    saes: Sequence[SAE] = (),
 ) -> tuple[list[GenerationResult], dict[str, Any]]:
     """Generates ``prompts`` (with the prepared interventions ``edits``) and publishes every event (after
     ``publisher.start``). Returns the results and the ``run.end`` totals. ``observe`` also receives every
     ``stats`` snapshot (the in-process API shows progress with it). A lost sink ends the run early, incomplete."""
     results: list[GenerationResult] = []
     progress = Progress(len(prompts), config.batch_size, config.max_tokens)
+    monitor = SaeMonitor(saes) if saes else None
     last_stats = progress.started
     reason = None
     try:
         try:
-            for event in generate(model, tokenizer, prompts, config, selection, edits, control):
+            for event in generate(model, tokenizer, prompts, config, selection, edits, control, saes, monitor):
                 publisher.publish(event)
                 progress.add(event)
                 if isinstance(event, ResultEvent):
@@ -211,7 +217,7 @@ def publish_run(
                 now = time.perf_counter()
                 if now - last_stats >= stats_every:
                     last_stats = now
-                    snapshot = progress.snapshot()
+                    snapshot = {**progress.snapshot(), **({"saes": monitor.summary()} if monitor else {})}
                     publisher.stats(snapshot)
                     if observe is not None:
                         observe(snapshot)
@@ -227,6 +233,21 @@ def publish_run(
     except BaseException as error:
         publisher.finish(False, f"failed: {type(error).__name__}: {error}", progress.snapshot())
         raise
-    notes = {"notes": control.notes} if control is not None and control.notes else {}
-    totals = publisher.finish(reason is None, reason, {**progress.snapshot(), **notes})
+    notes = (control.notes if control is not None else []) + (monitor.warnings() if monitor else [])
+    for note in monitor.warnings() if monitor else ():
+        print(f"engine: warning: {note}", file=sys.stderr, flush=True)
+    extra = {**progress.snapshot(), **({"notes": notes} if notes else {}),
+             **({"saes": monitor.summary()} if monitor else {})}
+    totals = publisher.finish(reason is None, reason, extra)
     return results, totals
+
+
+def attached_saes(spec: RunSpec, model: Gemma3) -> list[SAE]:
+    """The SAEs a run's settings attach, loaded in the model's dtype and checked against it."""
+    saes = [load_sae(source, dtype=dtype_name(model.dtype)) for source in spec.saes]
+    for sae in saes:
+        sae.check(model.config)
+    names = [sae.name for sae in saes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two attached SAEs have the same name ({', '.join(names)}): attach each once")
+    return saes

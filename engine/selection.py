@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from gemmalens.errors import SelectionError
 from gemmalens.spec import POSITIONS
@@ -27,9 +28,9 @@ AXIS_NAMES = {"B": "batch", "S": "seq", "1": "seq", "E": "hidden", "F": "interme
 _CHILDREN = {"self_attn": Attention, "mlp": MLP}
 
 
-def catalogue(config: Gemma3Config) -> list[tuple[str, str, str]]:
+def catalogue(config: Gemma3Config, saes: Sequence = ()) -> list[tuple[str, str, str]]:
     """(name, shape, meaning) of every point, in the order a forward pass computes them; sampling points as
-    ``generate.step_{k}.sample.<name>``."""
+    ``generate.step_{k}.sample.<name>``; each attached SAE's as ``sae.<name>.*`` (their width a number)."""
     out = []
     for entry in Gemma3.POINTS:
         if entry == "layers":
@@ -38,6 +39,9 @@ def catalogue(config: Gemma3Config) -> list[tuple[str, str, str]]:
         else:
             out.append(("model." + entry[0], *entry[1:]))
     out += [(SAMPLE_TEMPLATE + name, shape, meaning) for name, shape, meaning in sampling.POINTS]
+    for sae in saes:
+        out += [(f"sae.{sae.name}.features", f"B,S,{sae.width}", f"feature activations of {sae.site}"),
+                (f"sae.{sae.name}.error", "B,S", f"relative reconstruction error at {sae.site_out}")]
     return out
 
 
@@ -52,8 +56,8 @@ def _expand(points, prefix: str) -> list[tuple[str, str, str]]:
 
 
 def axes_of(shape: str) -> tuple[str, ...]:
-    """A declared shape (``B,S,H*D``) as axis names (``batch, seq, features``)."""
-    return tuple(AXIS_NAMES[dim] for dim in shape.split(","))
+    """A declared shape (``B,S,H*D``) as axis names (``batch, seq, features``; an SAE's width: ``latents``)."""
+    return tuple("latents" if dim.isdigit() and dim != "1" else AXIS_NAMES[dim] for dim in shape.split(","))
 
 
 def dimension_sizes(config: Gemma3Config) -> dict[str, int]:
@@ -148,6 +152,7 @@ def select(
     exclude: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
     positions: str = "all",
+    saes: Sequence = (),
 ) -> Selection:
     """Resolves patterns against the model's points; errors name the pattern and near names.
 
@@ -158,7 +163,7 @@ def select(
     wanted_layers = parse_layers(layers, config.num_hidden_layers)
     if not include:
         return NO_SELECTION
-    points = catalogue(config)
+    points = catalogue(config, saes)
     model_points = [name for name, _, _ in points if not name.startswith("generate.")]
     templates = [name for name, _, _ in points if name.startswith("generate.")]
     chosen: set[str] = set()
@@ -193,11 +198,11 @@ def _names_some_step(pattern: str, value: str) -> bool:
 
 
 def estimate_bytes(config: Gemma3Config, selection: Selection, prompt_lengths: list[int], max_tokens: int,
-                   batch_size: int) -> int:
+                   batch_size: int, saes: Sequence = ()) -> int:
     """An upper bound of the bytes a run's capture writes, uncompressed, as the npz archiver stores them (floats
     as float32): every batch runs ``max_tokens`` steps, its prompt pass over its longest prompt."""
     sizes = dimension_sizes(config)
-    shapes = {name: shape.split(",")[1:] for name, shape, _ in catalogue(config)}
+    shapes = {name: shape.split(",")[1:] for name, shape, _ in catalogue(config, saes)}
 
     def per_entry(dims: list[str], keys: int) -> int:
         if dims[0] == "H":  # attention: [heads, seq, keys]

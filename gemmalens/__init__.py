@@ -1,7 +1,7 @@
 """gemmalens: run Gemma 3 with MLX and capture every named intermediate value.
 
-The functions below are imported on first use: ``load``, ``batch_generate`` and ``run_with_capture`` bring the
-engine (and MLX, after setting up a fast BLAS on Linux: engine/blas.py); the wire contract
+The functions below are imported on first use: ``load``, ``batch_generate``, ``run_with_capture`` and ``load_sae``
+bring the engine (and MLX, after setting up a fast BLAS on Linux: engine/blas.py); the wire contract
 (``gemmalens.wire``), the sinks, ``open_activations`` and the intervention helpers (``steer``, ``ablate``,
 ``set_value``, ``clamp``, ``patch``: gemmalens/interventions.py) need neither.
 """
@@ -9,11 +9,11 @@ engine (and MLX, after setting up a fast BLAS on Linux: engine/blas.py); the wir
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "steer", "ablate", "set_value", "clamp",
-           "patch", "__version__"]
+__all__ = ["load", "batch_generate", "run_with_capture", "open_activations", "load_sae", "steer", "ablate",
+           "set_value", "clamp", "patch", "__version__"]
 
 _ENTRY_POINTS = {"load": "gemmalens.engine", "run_with_capture": "gemmalens.engine", "batch_generate": "gemmalens.api",
-                 "open_activations": "gemmalens.sinks.reader",
+                 "open_activations": "gemmalens.sinks.reader", "load_sae": "gemmalens.engine.sae",
                  **{name: "gemmalens.interventions" for name in ("steer", "ablate", "set_value", "clamp", "patch")}}
 
 

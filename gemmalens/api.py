@@ -20,7 +20,9 @@ from gemmalens.engine.model import Gemma3
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import WARN_BYTES, Progress, capture_estimate, generation_config, serve
 from gemmalens.engine.selection import select
+from gemmalens.engine.sae import SAE, load_sae
 from gemmalens.engine.tokenizer import Tokenizer
+from gemmalens.engine.transfer import dtype_name
 from gemmalens.interventions import parse_all
 from gemmalens.prompts import Prompt
 from gemmalens.sinks.npz import NpzArchiver
@@ -52,6 +54,7 @@ def batch_generate(
     compress: bool = True,
     progress: bool | None = None,
     interventions: Sequence = (),
+    saes: Sequence = (),
 ) -> list[GenerationResult]:
     """Generates a continuation for each prompt; returns one result per prompt, in order.
 
@@ -63,17 +66,21 @@ def batch_generate(
     archiver writing that folder. ``progress`` shows a bar on stderr (default:
     when stderr is a terminal). ``interventions``: edits applied during generation, as dicts of their JSON
     form or the helpers' objects (``gemmalens.steer``...; docs/interventions.md); each result lists the ids
-    of those that edited it.
+    of those that edited it. ``saes``: attached SAEs (``gemmalens.load_sae`` objects or their sources), whose
+    ``sae.<name>.features`` and ``.error`` can be captured and whose feature ops can edit.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     records = [Prompt(i, text) for i, text in enumerate(prompts)]
     edits = parse_all(interventions)
+    saes = [sae if isinstance(sae, SAE) else load_sae(sae, dtype=dtype_name(model.dtype)) for sae in saes]
+    for sae in saes:
+        sae.check(model.config)
     spec = RunSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, seed=secrets.randbits(31) if seed is None else seed,
                    batch_size=batch_size, chat_mode=chat, stop=tuple(stop or ()),
                    save_activations=save_activations_dir is not None, capture=tuple(capture or ()),
                    exclude=tuple(exclude), layers=layers, positions=positions,
-                   interventions=tuple(iv.record() for iv in edits),
+                   interventions=tuple(iv.record() for iv in edits), saes=tuple(sae.source for sae in saes),
                    activations_dir=str(save_activations_dir) if save_activations_dir is not None else None)
     config = generation_config(spec)
     if chat and chat_warning(getattr(model, "source", {})):
@@ -84,7 +91,8 @@ def batch_generate(
             raise ValueError("capture needs save_activations_dir (or use run_with_capture for one forward pass)")
         counter = Progress(len(records), batch_size, max_tokens)
         results = []
-        for event in generate(model, tokenizer, records, config, edits=prepare(edits, model.config)):
+        for event in generate(model, tokenizer, records, config, edits=prepare(edits, model.config, saes),
+                              saes=saes):
             counter.add(event)
             if isinstance(event, ResultEvent):
                 results.append(event.result)
@@ -93,8 +101,8 @@ def batch_generate(
         if view is not None:
             view.close(counter.snapshot())
         return sorted(results, key=lambda r: r.index)
-    selection = select(model.config, list(spec.patterns), list(exclude), layers, positions)
-    size, line = capture_estimate(model, tokenizer, records, config, selection)
+    selection = select(model.config, list(spec.patterns), list(exclude), layers, positions, saes)
+    size, line = capture_estimate(model, tokenizer, records, config, selection, saes)
     if size > WARN_BYTES:
         warnings.warn(line, stacklevel=2)
     address = f"inproc://gemmalens-{uuid.uuid4().hex}"
@@ -106,7 +114,8 @@ def batch_generate(
     thread.start()
     try:
         results, totals = serve(model, tokenizer, spec, records, records, selection, publisher,
-                                observe=view.update if view is not None else None, interventions=edits)
+                                observe=view.update if view is not None else None, interventions=edits,
+                                saes=saes)
     except BaseException:
         archiver.stop_requested = True  # it waits for a run that will not come, or end
         raise

@@ -20,12 +20,15 @@ import numpy as np
 
 from .errors import ConfigError
 
-OPS = ("add", "zero", "mean", "set", "clamp", "patch")
+OPS = ("add", "zero", "mean", "set", "clamp", "patch", "add_feature", "clamp_feature", "ablate_feature")
+FEATURE_OPS = ("add_feature", "clamp_feature", "ablate_feature")  # name an attached SAE instead of a site
 ARRAY_FIELD = {"add": "vector", "mean": "mean", "set": "value"}  # the op's array, by its JSON name
 POSITION_WORDS = ("all", "prompt", "generated")
 _FIELDS = {
     "add": {"vector", "scale"}, "zero": set(), "mean": {"mean"}, "set": {"value"}, "clamp": {"index", "value"},
     "patch": {"source", "source_prompt"},
+    "add_feature": {"sae", "feature", "scale"}, "clamp_feature": {"sae", "feature", "value"},
+    "ablate_feature": {"sae", "feature"},
 }
 _COMMON = {"op", "site", "heads", "prompts", "groups", "positions", "steps", "name"}
 
@@ -37,7 +40,7 @@ class Intervention:
     every step; ``positions`` a word of ``POSITION_WORDS`` or the positions (0 = the first prompt token)."""
 
     op: str
-    site: str
+    site: str | None  # None for a feature op: its SAE's site
     array: np.ndarray | None = None
     array_path: str | None = None  # the .npy it came from, if any
     scale: float = 1.0
@@ -51,6 +54,8 @@ class Intervention:
     positions: str | tuple[int, ...] = "all"
     steps: tuple[int, int] | None = None
     name: str | None = None
+    sae: str | None = None  # the feature ops': the attached SAE's name, and its feature
+    feature: int | None = None
     digest: str = field(default="", init=False)
 
     def __post_init__(self):
@@ -73,7 +78,11 @@ class Intervention:
 
     def record(self, with_path: bool = True) -> dict[str, Any]:
         """The JSON form: ``parse`` reads it back (arrays by path, checked against their SHA-256)."""
-        out: dict[str, Any] = {"op": self.op, "site": self.site}
+        out: dict[str, Any] = {"op": self.op}
+        if self.site is not None:
+            out["site"] = self.site
+        if self.sae is not None:
+            out["sae"], out["feature"] = self.sae, self.feature
         if self.name is not None:
             out["name"] = self.name
         if self.array is not None:
@@ -81,10 +90,12 @@ class Intervention:
             out[key] = self.array_path if with_path and self.array_path else None
             out[key + "_sha256"] = array_digest(self.array)
             out[key + "_shape"] = list(self.array.shape)
-        if self.op == "add":
+        if self.op in ("add", "add_feature"):
             out["scale"] = self.scale
         if self.op == "clamp":
             out["index"], out["value"] = self.index, self.value
+        if self.op == "clamp_feature":
+            out["value"] = self.value
         if self.op == "patch":
             out["source"], out["source_prompt"] = self.source, self.source_prompt
         for key in ("heads", "prompts", "groups"):
@@ -119,10 +130,22 @@ def parse(item: Any, base: Path | None = None, where: str = "intervention") -> I
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for op {op!r} "
                           f"(it takes {', '.join(sorted(_FIELDS[op] | _COMMON - {'op'}))})")
-    site = item.get("site")
-    if not isinstance(site, str) or not site.startswith("model."):
-        raise ConfigError(f"{where}: 'site' must be a capture name under 'model.' (gemmalens names), got {site!r}")
-    values: dict[str, Any] = {"op": op, "site": site, "name": _optional_str(item, "name", where)}
+    values: dict[str, Any] = {"op": op, "name": _optional_str(item, "name", where)}
+    if op in FEATURE_OPS:
+        sae = item.get("sae")
+        if not isinstance(sae, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,80}", sae):
+            raise ConfigError(f"{where}: op {op!r} needs 'sae', the name of an attached SAE, got {sae!r}")
+        values.update(site=None, sae=sae, feature=_integer(item.get("feature"), f"{where}.feature", minimum=0))
+        if op == "add_feature":
+            values["scale"] = _number(item.get("scale", 1.0), f"{where}.scale")
+        if op == "clamp_feature":
+            values["value"] = _number(item.get("value"), f"{where}.value")
+    else:
+        site = item.get("site")
+        if not isinstance(site, str) or not site.startswith("model."):
+            raise ConfigError(f"{where}: 'site' must be a capture name under 'model.' (gemmalens names), got "
+                              f"{site!r}")
+        values["site"] = site
     if op in ARRAY_FIELD:
         key = ARRAY_FIELD[op]
         if key not in item or item[key] is None:

@@ -45,6 +45,7 @@ class RunSpec:
     positions: str = "all"
     wire_dtype: str | None = None  # None: the compute dtype
     interventions: tuple[dict, ...] = ()  # their records (gemmalens/interventions.py): arrays by path and SHA-256
+    saes: tuple[str, ...] = ()  # attached SAEs: local folders or REPO_ID/FOLDER/SAE (engine/sae.py)
     codec: str = "lz4"
     output_dir: str | None = None  # where the results sink writes (informational)
     activations_dir: str | None = None  # where the npz archiver writes (informational)
@@ -53,7 +54,7 @@ class RunSpec:
     FREE = ("batch_size", "codec", "output_dir", "activations_dir")
 
     def __post_init__(self):
-        for name in ("stop", "capture", "exclude", "interventions"):
+        for name in ("stop", "capture", "exclude", "interventions", "saes"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         if self.positions not in POSITIONS:
             raise ConfigError(f"positions {self.positions!r}: expected one of {', '.join(POSITIONS)}")
@@ -69,7 +70,7 @@ class RunSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("stop", "capture", "exclude", "interventions"):
+        for name in ("stop", "capture", "exclude", "interventions", "saes"):
             out[name] = list(out[name])
         return out
 

@@ -440,4 +440,18 @@ def _merge_ends(ends: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for topic, count in end.get("topics", {}).items():
             topics[topic] = topics.get(topic, 0) + count
     merged["topics"] = topics
+    merged["notes"] = [note for end in ends.values() for note in end.get("notes") or ()]
+    saes: dict[str, dict[str, Any]] = {}
+    for end in ends.values():  # each SAE's means over every engine's positions
+        for name, sae in (end.get("saes") or {}).items():
+            if not isinstance(sae, dict):
+                continue
+            total = saes.setdefault(name, {"site": sae.get("site"), "positions": 0, "error": 0.0, "l0": 0.0})
+            count = sae.get("positions", 0)
+            total["positions"] += count
+            total["error"] += sae.get("mean_error", 0.0) * count
+            total["l0"] += sae.get("mean_l0", 0.0) * count
+    merged["saes"] = {name: {"site": t["site"], "positions": t["positions"],
+                             "mean_error": t["error"] / max(t["positions"], 1),
+                             "mean_l0": t["l0"] / max(t["positions"], 1)} for name, t in saes.items()}
     return merged

@@ -170,6 +170,7 @@ class ResultsWriter(Subscriber):
             "capture": info.get("capture"),
             "interventions": [self.interventions[k] for k in sorted(self.interventions)],
             "notes": end.get("notes") or [],
+            "saes": end.get("saes") or {},
             "versions": info.get("versions"),
             "device": info.get("device"),
             "stream": {"gaps": self.gaps, "missing": self.missing(), "rejected": self.rejected},

@@ -72,6 +72,9 @@ def describe(stats: dict[str, Any], written: int | None = None) -> str:
         # shares of the run so far: the engine held back by the bus, the bus held back by a reliable sink
         parts.append(f"engine waited {stats['engine_waited_seconds'] / seconds:.0%}, sinks behind "
                      f"{stats['sinks_waited_seconds'] / seconds:.0%}")
+    for name, sae in (stats.get("saes") or {}).items():  # each attached SAE: mean L0 and reconstruction error
+        if isinstance(sae, dict) and sae.get("positions"):
+            parts.append(f"{name}: L0 {sae.get('mean_l0', 0):.0f}, error {sae.get('mean_error', 0):.2f}")
     eta = eta_seconds(stats)
     if stats.get("prompts_total") and stats.get("prompts_done", 0) >= stats["prompts_total"]:
         parts.append("done")

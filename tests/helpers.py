@@ -251,3 +251,34 @@ def tiny_vocabulary(size: int = 512) -> list[str]:
     pieces = ["\u2581", "a", "b", "c", "d", "e", "\u2581a", "ab", "\u2581ab", "cd", "abcd", "\u2581abcd", "de"]
     tokens = specials + [f"<0x{i:02X}>" for i in range(256)] + pieces
     return tokens + [f"w{i}" for i in range(size - len(tokens))]
+
+
+def write_sae(root: Path, folder: str, hook: str, d_in: int, width: int = 48, *, d_out: int | None = None,
+              hook_out: str | None = None, kind: str = "sae", skip: bool = False, seed: int = 0,
+              exact: bool = False) -> dict:
+    """A JumpReLU SAE (or transcoder) in Gemma Scope 2's layout under ``root/folder``: random weights, thresholds
+    that let about a third of the features fire on inputs of unit scale; or, ``exact``, one that reconstructs
+    every input exactly (features ``relu(x)`` and ``relu(-x)``, width ``2 * d_in``). Returns the numpy weights."""
+    rng = np.random.default_rng(seed)
+    d_out = d_out or d_in
+    if exact:
+        eye = np.eye(d_in, dtype=np.float32)
+        width = 2 * d_in
+        weights = {"w_enc": np.concatenate([eye, -eye], 1), "b_enc": np.zeros(width, np.float32),
+                   "w_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(d_in, np.float32),
+                   "threshold": np.zeros(width, np.float32)}
+    else:
+        weights = {"w_enc": rng.standard_normal((d_in, width)).astype(np.float32) / np.sqrt(d_in),
+                   "b_enc": rng.standard_normal(width).astype(np.float32) * 0.1,
+                   "w_dec": rng.standard_normal((width, d_out)).astype(np.float32) / np.sqrt(width),
+                   "b_dec": rng.standard_normal(d_out).astype(np.float32) * 0.1,
+                   "threshold": np.abs(rng.standard_normal(width)).astype(np.float32) * 0.5}
+    if skip:
+        weights["affine_skip_connection"] = rng.standard_normal((d_in, d_out)).astype(np.float32) * 0.05
+    path = root / folder
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "width": width, "model_name": "google/gemma-3-270m-pt", "architecture": "jump_relu", "l0": width // 3,
+        "affine_connection": skip, "hf_hook_point_in": hook, "hf_hook_point_out": hook_out or hook, "type": kind}))
+    mx.save_safetensors(str(path / "params.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+    return weights
