@@ -432,10 +432,17 @@ class Publisher:
 
     def _encode(self, event: ActivationEvent):
         array, dtype = event.host()
-        payload = wire.encode_array(array, self.codec)
         fields = {"batch": event.batch, "step": event.step, "name": event.name, "dtype": dtype,
                   "shape": list(array.shape), "axes": list(event.axes), "codec": self.codec, "nbytes": array.nbytes,
                   "slot": event.slot}
+        if event.axes[-1] == "latents":  # SAE features: mostly zeros, sent as their nonzeros
+            sparse = wire.Sparse.of(array)
+            bytes_ = sparse.payload()
+            codec = "raw" if self.codec == "raw" else "lz4"  # the shuffle is for arrays of one dtype
+            fields.update(layout="sparse", nnz=len(sparse.indices), nbytes=bytes_.nbytes, codec=codec)
+            payload = wire.encode_array(bytes_, codec)
+        else:
+            payload = wire.encode_array(array, self.codec)
         return wire.activation_topic(event.name), fields, self._rows.encode(event.indices, event.pads, event.live), \
             payload, array.nbytes
 

@@ -77,6 +77,35 @@ class Frame:
         return positions_of(header["slot"], seq, header["pads"])
 
 
+@dataclass
+class Sparse:
+    """An array ``shape`` (``[..., width]``) with few nonzeros along its last axis: for each leading entry in C
+    order its count of nonzeros (``counts``), then every nonzero's index along the last axis (``indices``, in
+    order) and value (``values``). SAE features travel and are stored this way (docs/protocol.md)."""
+
+    shape: tuple[int, ...]
+    counts: np.ndarray  # int32 [prod(shape[:-1])]
+    indices: np.ndarray  # int32 [nnz]
+    values: np.ndarray  # [nnz]
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "Sparse":
+        flat = array.reshape(-1, array.shape[-1])
+        rows, columns = np.nonzero(flat)
+        return cls(tuple(array.shape), np.bincount(rows, minlength=flat.shape[0]).astype(np.int32),
+                   columns.astype(np.int32), flat[rows, columns])
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros((len(self.counts), self.shape[-1]), dtype=self.values.dtype)
+        out[np.repeat(np.arange(len(self.counts)), self.counts), self.indices] = self.values
+        return out.reshape(self.shape)
+
+    def payload(self) -> np.ndarray:
+        """The wire bytes (before the codec): counts, indices, values, little endian."""
+        return np.concatenate([np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+                               for a in (self.counts, self.indices, self.values)])
+
+
 def positions_of(slot: int, length: int, pads: list[int]) -> np.ndarray:
     """Positions ``[rows, length]`` of the slots ``slot..slot + length - 1`` in rows with these leading pads."""
     positions = slot + np.arange(length, dtype=np.int64)[None, :] - np.asarray(pads, dtype=np.int64)[:, None]
@@ -239,10 +268,11 @@ def decode_header(parts: list) -> tuple[str, dict[str, Any]]:
     return topic, head
 
 
-def decode(parts: list, limits: Limits = DEFAULT_LIMITS, bfloat16_as: str = "float32") -> Frame:
+def decode(parts: list, limits: Limits = DEFAULT_LIMITS, bfloat16_as: str = "float32", sparse: str = "dense") -> Frame:
     """Decodes and checks one received message (the payload may be any bytes-like object, read in place).
 
-    bfloat16 arrays become float32 (exact) or, with ``bfloat16_as="uint16"``, stay their 16-bit patterns."""
+    bfloat16 arrays become float32 (exact) or, with ``bfloat16_as="uint16"``, stay their 16-bit patterns. Sparse
+    frames (SAE features) become dense arrays, or with ``sparse="sparse"`` stay ``Sparse``."""
     size = sum(len(memoryview(p)) for p in parts)
     if size > limits.message_bytes:
         raise WireError("size", f"a message of {size} bytes exceeds the cap of {limits.message_bytes}")
@@ -255,7 +285,7 @@ def decode(parts: list, limits: Limits = DEFAULT_LIMITS, bfloat16_as: str = "flo
             raise WireError("body", f"{topic}: payload is not JSON ({error})") from None
         _check_fields(topic, body, BODY[head["kind"]])
         return Frame(topic, head, body)
-    return Frame(topic, head, decode_array(topic, head, parts[2], limits, bfloat16_as))
+    return Frame(topic, head, decode_array(topic, head, parts[2], limits, bfloat16_as, sparse))
 
 
 def check_activation(topic: str, head: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> np.dtype:
@@ -273,10 +303,20 @@ def check_activation(topic: str, head: dict[str, Any], limits: Limits = DEFAULT_
         raise WireError("shape", f"{topic}: shape {shape} does not fit axes {axes}")
     dtype = np.dtype(DTYPES[head["dtype"]])
     nbytes = math.prod(shape) * dtype.itemsize
-    if head["nbytes"] != nbytes:
-        raise WireError("shape", f"{topic}: nbytes {head['nbytes']} but shape {shape} of {head['dtype']} holds {nbytes}")
     if nbytes > limits.array_bytes:
         raise WireError("size", f"{topic}: an array of {nbytes} bytes exceeds the cap of {limits.array_bytes}")
+    layout = head.get("layout", "dense")
+    if layout == "sparse":
+        nnz = head.get("nnz")
+        if not _int(nnz) or not 0 <= nnz <= math.prod(shape) or len(shape) < 2:
+            raise WireError("field", f"{topic}: a sparse frame needs 'nnz' between 0 and its size, got "
+                                     f"{json.dumps(nnz)[:40]}")
+        nbytes = 4 * math.prod(shape[:-1]) + (4 + dtype.itemsize) * nnz
+    elif layout != "dense":
+        raise WireError("field", f"{topic}: layout {json.dumps(layout)[:40]} is not dense or sparse")
+    if head["nbytes"] != nbytes:
+        raise WireError("shape", f"{topic}: nbytes {head['nbytes']} but shape {shape} of {head['dtype']} holds {nbytes}"
+                        + (f" as {layout}" if layout != "dense" else ""))
     rows = shape[0]
     if not (len(head["prompts"]) == len(head["pads"]) == len(head["live"]) == rows):
         raise WireError("rows", f"{topic}: {rows} rows but {len(head['prompts'])} prompts, {len(head['pads'])} pads, "
@@ -287,7 +327,7 @@ def check_activation(topic: str, head: dict[str, Any], limits: Limits = DEFAULT_
 
 
 def decode_array(topic: str, head: dict[str, Any], payload, limits: Limits = DEFAULT_LIMITS,
-                 bfloat16_as: str = "float32") -> np.ndarray:
+                 bfloat16_as: str = "float32", sparse: str = "dense") -> np.ndarray | Sparse:
     dtype = check_activation(topic, head, limits)
     nbytes, codec = head["nbytes"], head["codec"]
     view = memoryview(payload)
@@ -306,10 +346,33 @@ def decode_array(topic: str, head: dict[str, Any], payload, limits: Limits = DEF
             raise WireError("payload", f"{topic}: decompressed to {len(data)} bytes, header says {nbytes}")
         if codec == "lz4+shuffle":
             data = unshuffle(data, dtype.itemsize)
+    if head.get("layout") == "sparse":
+        return _sparse(topic, head, data, dtype, bfloat16_as, sparse)
     array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(head["shape"])
     if head["dtype"] == "bfloat16" and bfloat16_as == "float32":
         return bfloat16_to_float32(array)
     return array
+
+
+def _sparse(topic: str, head: dict[str, Any], data, dtype: np.dtype, bfloat16_as: str, sparse: str):
+    shape, nnz = tuple(head["shape"]), head["nnz"]
+    leading = math.prod(shape[:-1])
+    counts = np.frombuffer(data, dtype="<i4", count=leading)
+    indices = np.frombuffer(data, dtype="<i4", count=nnz, offset=4 * leading)
+    values = np.frombuffer(data, dtype=dtype.newbyteorder("<"), count=nnz, offset=4 * (leading + nnz))
+    if counts.min(initial=0) < 0 or int(counts.sum(dtype=np.int64)) != nnz or counts.max(initial=0) > shape[-1]:
+        raise WireError("payload", f"{topic}: sparse counts do not add up to nnz {nnz} within width {shape[-1]}")
+    if nnz and (indices.min() < 0 or indices.max() >= shape[-1]):
+        raise WireError("payload", f"{topic}: a sparse index outside 0-{shape[-1] - 1}")
+    rising = np.diff(indices) > 0  # within each entry's span the indices rise; between spans they may not
+    ends = np.cumsum(counts, dtype=np.int64)[:-1]
+    rising[ends[(ends > 0) & (ends < nnz)] - 1] = True
+    if not rising.all():
+        raise WireError("payload", f"{topic}: sparse indices out of order: the counts do not add up per entry")
+    if head["dtype"] == "bfloat16" and bfloat16_as == "float32":
+        values = bfloat16_to_float32(values)
+    out = Sparse(shape, counts, indices, values)
+    return out if sparse == "sparse" else out.dense()
 
 
 def bfloat16_to_float32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

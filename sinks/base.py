@@ -50,6 +50,7 @@ class Subscriber:
     ``LossySubscriber``."""
 
     topics: tuple[str, ...] = ("",)  # topic prefixes; "" is everything
+    sparse = "dense"  # SAE features as dense arrays; "sparse": as wire.Sparse (their nonzeros)
     reliable = True
 
     def __init__(self, connect: str | list[str], name: str | None = None, topics=None, context=None, curve=None,
@@ -299,7 +300,7 @@ class Subscriber:
         """Checks one message, its place in its topic's sequence, and dispatches it to its callback; a message
         that breaks the protocol is refused (counted, reported once per rule)."""
         try:
-            frame = wire.decode(parts, self.limits, self.bfloat16_as)
+            frame = wire.decode(parts, self.limits, self.bfloat16_as, self.sparse)
         except WireError as error:
             self.refuse(error)
             return

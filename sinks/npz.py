@@ -68,6 +68,7 @@ class NpzArchiver(Subscriber):
     out. A batch enters the index once all its files are on disk.
     """
 
+    sparse = "sparse"  # SAE features stored as their nonzeros
     topics = ("act.", "tokens")
 
     def __init__(self, connect, directory: str | Path, compress: bool = True, writers: int | None = None,

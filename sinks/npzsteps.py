@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from gemmalens.wire import decode, positions_of
+from gemmalens.wire import Sparse, decode, positions_of
 
 from .base import message_parts
 from .npzfile import write_npz
@@ -72,11 +72,19 @@ class StepFiles:
         pending = self.pending.setdefault((header["batch"], header["step"]), {
             "prompts": header["prompts"], "pad": header["pads"], "arrays": {}, "bfloat16": set(), "positions": {},
             "frames": 0})
-        pending["arrays"][header["name"]] = body
-        pending["arrays"][header["name"] + ".positions"] = _positions(pending, header)
+        name = header["name"]
+        if isinstance(body, Sparse):  # SAE features: their nonzeros (docs/outputs.md)
+            pending["arrays"].update({name + ".sparse_counts": body.counts.reshape(body.shape[:-1]),
+                                      name + ".sparse_indices": body.indices, name + ".sparse_values": body.values,
+                                      name + ".sparse_width": np.array(body.shape[-1], dtype=np.int64)})
+            stored = name + ".sparse_values"
+        else:
+            pending["arrays"][name] = body
+            stored = name
+        pending["arrays"][name + ".positions"] = _positions(pending, header)
         pending["frames"] += 1
         if header["dtype"] == "bfloat16":
-            pending["bfloat16"].add(header["name"])
+            pending["bfloat16"].add(stored)
 
     def finish_step(self, tokens: dict[str, Any]) -> None:
         """The step's tokens (the body of its ``tokens`` message, which counts the step's frames): its file goes
@@ -259,7 +267,7 @@ def serve(inbox: str, outbox: str, directory: str, compress: bool, writers: int,
             if kind == b"tokens":
                 files.finish_step(json.loads(parts[1].bytes))
             else:
-                frame = decode(message_parts(parts), bfloat16_as="uint16")
+                frame = decode(message_parts(parts), bfloat16_as="uint16", sparse="sparse")
                 files.add(frame.header, frame.body)
         send_outcomes(files.finish())
         report.send(json.dumps({"closed": name}).encode())

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from gemmalens.wire import SAMPLE_TEMPLATE
+from gemmalens.wire import SAMPLE_TEMPLATE, Sparse
 
 INDEX = "activations_index.json"
 _STEP_NAME = re.compile(r"^generate\.step_(\d+)\.sample\.(.+)$")
@@ -85,8 +85,9 @@ class ActivationArchive:
             for batch in self.index["batches"].values():
                 for file in batch["files"]:
                     with np.load(self.directory / file) as data:
-                        names.update(public_name(k) for k in data.files
-                                     if k not in _BOOKKEEPING and not k.endswith(".positions"))
+                        names.update(public_name(re.sub(r"\.sparse_counts$", "", k)) for k in data.files
+                                     if k not in _BOOKKEEPING and not k.endswith((".positions", ".sparse_indices",
+                                                                                  ".sparse_values", ".sparse_width")))
                 break
             self._names = sorted(names)
         return self._names
@@ -111,12 +112,14 @@ class ActivationArchive:
                            + f" ({len(self.names)} names: see .names)")
         return public
 
-    def get(self, name: str, prompts: Iterable[int] | None = None, steps: Iterable[int] | None = None):
+    def get(self, name: str, prompts: Iterable[int] | None = None, steps: Iterable[int] | None = None,
+            sparse: bool = False):
         """``{prompt: {step: (positions, array)}}`` for one name, padding removed.
 
         Attention arrays come as ``[heads, seq, keys]`` with key j at position j;
         everything else as ``[seq, ...]``. A sampling name reads every step's
         value (or, spelled for one step, ``generate.step_3.sample.token``, that step's).
+        SAE features (stored as their nonzeros) come dense, or with ``sparse`` as ``wire.Sparse``.
         """
         public = self.resolve(name)
         sampling = sample_name(name)
@@ -138,34 +141,44 @@ class ActivationArchive:
                     continue
                 stored = public.replace("{k}", str(step))
                 with np.load(self.directory / file) as data:
-                    if stored not in data.files:
+                    stored_sparse = stored + ".sparse_counts" in data.files
+                    if stored not in data.files and not stored_sparse:
                         continue
                     rows, chosen = list(data["prompts"]), data["tokens"]
-                    array, positions = data[stored], data[stored + ".positions"]
+                    positions = data[stored + ".positions"]
+                    array = _stored_sparse(data, stored) if stored_sparse else data[stored]
                     for p in members:
                         r = rows.index(p)
                         if chosen[r] < 0:  # the row had finished: its values here are meaningless
                             continue
                         keep = positions[r] >= 0
-                        if self.keyed(public):
+                        if stored_sparse:
+                            values = _sparse_rows(array, r, np.nonzero(keep)[0])
+                            values = values if sparse else values.dense()
+                        elif self.keyed(public):
                             values = np.compress(keep, array[r], axis=1)[..., int(data["pad"][r]):]
                         else:
                             values = np.compress(keep, array[r], axis=0)
                         out[p][step] = (positions[r][keep], values)
         return out
 
-    def trajectory(self, name: str, prompt: int) -> tuple[np.ndarray, np.ndarray]:
+    def trajectory(self, name: str, prompt: int, sparse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Positions ``[T]`` and values of one point over the prompt and every generated token, in order.
 
         Values are ``[T, ...]``; attention ``[heads, T, K]`` with K the longest
         key range: a query's keys beyond its own range (later positions) hold
         0 for weights and ``-inf`` for scores, as keys a query does not see do.
+        SAE features with ``sparse``: one ``wire.Sparse`` of shape ``[T, width]``.
         """
-        steps = self.get(name, [prompt])[prompt]
+        steps = self.get(name, [prompt], sparse=sparse)[prompt]
         parts = [steps[k] for k in sorted(steps)]
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         positions = np.concatenate([p for p, _ in parts])
+        if isinstance(parts[0][1], Sparse):
+            return positions, Sparse((len(positions), parts[0][1].shape[-1]),
+                                     *(np.concatenate([getattr(a, f) for _, a in parts])
+                                       for f in ("counts", "indices", "values")))
         if not self.keyed(self.resolve(name)):
             return positions, np.concatenate([a for _, a in parts])
         keys = max(a.shape[-1] for _, a in parts)
@@ -225,17 +238,35 @@ class GroupedArchive:
             raise KeyError(f"prompt {prompt} has no complete activations in any group")
         return self._owner[prompt]
 
-    def get(self, name: str, prompts: Iterable[int] | None = None, steps: Iterable[int] | None = None):
+    def get(self, name: str, prompts: Iterable[int] | None = None, steps: Iterable[int] | None = None,
+            sparse: bool = False):
         out = {}
         for p in self.prompts if prompts is None else list(prompts):
-            out.update(self._archive(p).get(name, [p], steps))
+            out.update(self._archive(p).get(name, [p], steps, sparse))
         return out
 
-    def trajectory(self, name: str, prompt: int):
-        return self._archive(prompt).trajectory(name, prompt)
+    def trajectory(self, name: str, prompt: int, sparse: bool = False):
+        return self._archive(prompt).trajectory(name, prompt, sparse)
 
     def sampling(self, prompt: int, top: int = 5):
         return self._archive(prompt).sampling(prompt, top)
+
+
+def _stored_sparse(data, stored: str) -> Sparse:
+    """A step file's sparse entries of ``stored`` as one ``Sparse`` ``[rows, seq, width]``."""
+    counts = data[stored + ".sparse_counts"]
+    return Sparse((*counts.shape, int(data[stored + ".sparse_width"])), counts.reshape(-1),
+                  data[stored + ".sparse_indices"], data[stored + ".sparse_values"])
+
+
+def _sparse_rows(array: Sparse, row: int, entries: np.ndarray) -> Sparse:
+    """The entries ``entries`` along seq of one row of a ``[rows, seq, width]`` Sparse, as ``[len, width]``."""
+    seq = array.shape[1]
+    starts = np.concatenate([[0], np.cumsum(array.counts)])
+    chosen = row * seq + entries
+    spans = [np.arange(starts[i], starts[i + 1]) for i in chosen]
+    taken = np.concatenate(spans) if spans else np.zeros(0, np.int64)
+    return Sparse((len(entries), array.shape[-1]), array.counts[chosen], array.indices[taken], array.values[taken])
 
 
 def open_activations(path: str | Path) -> ActivationArchive | GroupedArchive:

@@ -156,3 +156,21 @@ def test_generation_archives_features_at_every_step(resid, tiny, tmp_path):
         feature_positions, features = archive.trajectory(name, prompt)
         assert np.array_equal(positions, feature_positions) and len(positions) == len(tokenizer.encode(ROWS[prompt])) + 2
         assert np.allclose(features, jumprelu(x, weights), atol=1e-4)
+
+
+def test_features_travel_and_are_stored_as_their_nonzeros(resid, tiny, tmp_path):
+    sae, weights = resid
+    model, tokenizer = tiny
+    name = f"sae.{sae.name}.features"
+    gemmalens.batch_generate(model, tokenizer, ROWS, max_tokens=3, temperature=0, saes=[sae],
+                             save_activations_dir=tmp_path / "acts", capture=[SITE, name])
+    with np.load(tmp_path / "acts" / "activations_step_0_batch_0.npz") as step:
+        assert name not in step.files
+        counts, indices = step[name + ".sparse_counts"], step[name + ".sparse_indices"]
+        assert counts.shape == step[name + ".positions"].shape and counts.sum() == len(indices)
+        assert int(step[name + ".sparse_width"]) == 48
+    archive = gemmalens.open_activations(tmp_path / "acts")
+    positions, dense = archive.trajectory(name, 1)
+    _, sparse = archive.trajectory(name, 1, sparse=True)
+    assert sparse.shape == dense.shape and np.array_equal(sparse.dense(), dense)
+    assert len(sparse.values) == int((dense != 0).sum()) < dense.size

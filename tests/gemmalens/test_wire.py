@@ -169,3 +169,48 @@ def test_unusable_addresses_say_what_to_write(address, says):
                                             ("tipc://{5560,0,0}", False), ("vmci://1:2", False)])
 def test_only_known_local_transports_count_as_loopback(address, local):
     assert wire.is_loopback(address) is local
+
+
+def sparse_message(array, nnz_delta=0, corrupt=None, codec="lz4"):
+    """An SAE features frame as the engine sends it: the nonzeros of ``array`` [rows, seq, width]."""
+    import json
+
+    from gemmalens import wire
+
+    sparse = wire.Sparse.of(array)
+    if corrupt == "index":
+        sparse.indices[0] = array.shape[-1]
+    if corrupt == "counts":
+        sparse.counts[0] += 1
+        sparse.counts[1] -= 1 if sparse.counts[1] else -1
+    payload = sparse.payload()
+    topic = "act.sae.demo.features"
+    head = wire.header(topic, "activation", "run1", "0", 0, batch=0, step=0, name="sae.demo.features",
+                       dtype="float32", shape=list(array.shape), axes=["batch", "seq", "latents"], codec=codec,
+                       nbytes=payload.nbytes, slot=0, layout="sparse", nnz=len(sparse.indices) + nnz_delta)
+    head.update(prompts=list(range(array.shape[0])), pads=[0] * array.shape[0], live=[True] * array.shape[0])
+    return [topic.encode(), json.dumps(head).encode(), wire.encode_array(payload, codec)]
+
+
+def test_sparse_frames_decode_to_the_dense_array_or_stay_sparse():
+    from gemmalens import wire
+
+    rng = np.random.default_rng(0)
+    array = np.where(rng.random((2, 3, 50)) < 0.1, rng.standard_normal((2, 3, 50)), 0).astype(np.float32)
+    for codec in ("raw", "lz4"):
+        assert np.array_equal(wire.decode(sparse_message(array, codec=codec)).body, array)
+    kept = wire.decode(sparse_message(array), sparse="sparse").body
+    assert kept.shape == (2, 3, 50) and len(kept.values) == int((array != 0).sum())
+    assert np.array_equal(kept.dense(), array)
+
+
+@pytest.mark.parametrize("damage, message", [({"nnz_delta": 1}, "nbytes"), ({"corrupt": "index"}, "sparse index"),
+                                             ({"corrupt": "counts"}, "out of order")])
+def test_a_malformed_sparse_frame_is_refused(damage, message):
+    from gemmalens import wire
+
+    array = np.zeros((2, 3, 50), np.float32)
+    array[:, :, 7] = 1.0
+    array[0, 0, 9] = 2.0
+    with pytest.raises(WireError, match=message):
+        wire.decode(sparse_message(array, **damage))
