@@ -20,6 +20,9 @@ from typing import Iterable, Sequence
 import mlx.core as mx
 
 
+TOP_FEATURES = 5
+
+
 class Capture:
     """Records the values of ``names`` seen during forward passes, by name. ``edits``: ``{name: (keep, put,
     features)}`` (engine/editing.py); ``saes``: attached SAEs (engine/sae.py), encoded where they read, their
@@ -40,7 +43,8 @@ class Capture:
                 self.predicting.setdefault(sae.site_out, []).append(sae)
         self.encoded: dict[str, tuple[mx.array, mx.array]] = {}  # SAE name -> (its input, its features)
         self.values: dict[str, mx.array] = {}
-        self.sae_stats: dict[str, tuple[mx.array, mx.array]] = {}  # SAE name -> (error, L0), [B, L] each
+        # SAE name -> (error, L0) [B, L] each, and the top features of each row's last position [B, TOP_FEATURES]
+        self.sae_stats: dict[str, tuple[mx.array, ...]] = {}
 
     def __call__(self, name: str, x: mx.array) -> mx.array:
         edit = self.edits.get(name)
@@ -75,7 +79,10 @@ class Capture:
         error = ((target - reconstruction.astype(mx.float32)) ** 2).sum(-1) / (target ** 2).sum(-1)
         if f"sae.{sae.name}.error" in self.names:
             self.values[f"sae.{sae.name}.error"] = error
-        self.sae_stats[sae.name] = (error, (features > 0).sum(-1))
+        last = features[:, -1].astype(mx.float32)  # the strongest features of each row's last position
+        k = min(TOP_FEATURES, last.shape[-1])
+        top = mx.argpartition(-last, kth=k - 1, axis=-1)[:, :k]
+        self.sae_stats[sae.name] = (error, (features > 0).sum(-1), top, mx.take_along_axis(last, top, axis=-1))
 
     def heads(self, name: str, x: mx.array) -> mx.array:
         """Records a ``[B, H, L, D]`` value as ``[B, L, H, D]`` (the layout its edits come in)."""

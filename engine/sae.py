@@ -187,23 +187,31 @@ class SaeMonitor:
     def __init__(self, saes, threshold: float = 0.5):
         self.saes, self.threshold = list(saes), threshold
         self.sums = {sae.name: [0.0, 0.0, 0] for sae in self.saes}  # error, L0, positions
+        self.top: dict[str, list] = {sae.name: [] for sae in self.saes}  # [(feature, activation)] latest
 
-    def add(self, stats: dict[str, tuple[mx.array, mx.array]], valid) -> None:
-        """One forward pass's ``(error, L0)`` per SAE, ``[B, L]``, where ``valid`` ``[B, L]`` (numpy bool)."""
+    def add(self, stats: dict[str, tuple[mx.array, ...]], valid) -> None:
+        """One forward pass's ``(error, L0, top features, their activations)`` per SAE (``[B, L]``, ``[B, L]``,
+        ``[B, k]``, ``[B, k]``), counted where ``valid`` ``[B, L]`` (numpy bool); the top features are kept of
+        the first row still generating."""
         import numpy as np
 
-        for name, (error, l0) in stats.items():
+        for name, (error, l0, top, activations) in stats.items():
             error, l0 = np.array(error), np.array(l0)
             keep = np.asarray(valid)[:, -error.shape[1]:]
             total = self.sums[name]
             total[0] += float(error[keep].sum())
             total[1] += float(l0[keep].sum())
             total[2] += int(keep.sum())
+            rows = np.nonzero(keep[:, -1])[0]
+            if len(rows):
+                pairs = zip(np.array(top)[rows[0]].tolist(), np.array(activations)[rows[0]].tolist())
+                self.top[name] = sorted(((f, round(a, 3)) for f, a in pairs if a > 0), key=lambda p: -p[1])
 
     def summary(self) -> dict[str, dict]:
         return {sae.name: {"site": sae.site, "positions": self.sums[sae.name][2],
                            "mean_error": self.sums[sae.name][0] / max(self.sums[sae.name][2], 1),
-                           "mean_l0": self.sums[sae.name][1] / max(self.sums[sae.name][2], 1)} for sae in self.saes}
+                           "mean_l0": self.sums[sae.name][1] / max(self.sums[sae.name][2], 1),
+                           "top_features": self.top[sae.name]} for sae in self.saes}
 
     def warnings(self) -> list[str]:
         return [f"SAE {name} reconstructs its site badly: mean relative error {s['mean_error']:.2f} over "

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import zmq
 
+from gemmalens.engine.control import ControlServer
 from gemmalens.engine.editing import prepare
 from gemmalens.engine.events import GenerationResult, ResultEvent, StepEvent
 from gemmalens.engine.generation import generate
@@ -55,6 +56,9 @@ def batch_generate(
     progress: bool | None = None,
     interventions: Sequence = (),
     saes: Sequence = (),
+    control: str | None = None,
+    control_sync: bool = False,
+    control_timeout: float = 60.0,
 ) -> list[GenerationResult]:
     """Generates a continuation for each prompt; returns one result per prompt, in order.
 
@@ -67,7 +71,10 @@ def batch_generate(
     when stderr is a terminal). ``interventions``: edits applied during generation, as dicts of their JSON
     form or the helpers' objects (``gemmalens.steer``...; docs/interventions.md); each result lists the ids
     of those that edited it. ``saes``: attached SAEs (``gemmalens.load_sae`` objects or their sources), whose
-    ``sae.<name>.features`` and ``.error`` can be captured and whose feature ops can edit.
+    ``sae.<name>.features`` and ``.error`` can be captured and whose feature ops can edit. ``control``: an
+    address for a live control socket (``gemmalens.control.Controller`` changes the interventions while this
+    runs; ``control_sync`` waits for its go before each forward pass after the first, at most
+    ``control_timeout`` seconds; docs/interventions.md).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     records = [Prompt(i, text) for i, text in enumerate(prompts)]
@@ -86,13 +93,26 @@ def batch_generate(
     if chat and chat_warning(getattr(model, "source", {})):
         warnings.warn(chat_warning(model.source), stacklevel=2)
     view = ProgressView(live=True) if (sys.stderr.isatty() if progress is None else progress) else None
+    server = (ControlServer(control, model.config, prepare(edits, model.config, saes), sync=control_sync,
+                            timeout=control_timeout) if control is not None else None)
+    try:
+        return _run(model, tokenizer, records, spec, config, edits, saes, view, server, compress)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run(model, tokenizer, records, spec: RunSpec, config, edits, saes, view, control, compress: bool
+         ) -> list[GenerationResult]:
+    """Generates, in this process; with ``spec.activations_dir``, through an in-process npz archiver."""
+    save_activations_dir = spec.activations_dir
     if save_activations_dir is None:
-        if capture:
+        if spec.capture:
             raise ValueError("capture needs save_activations_dir (or use run_with_capture for one forward pass)")
-        counter = Progress(len(records), batch_size, max_tokens)
+        counter = Progress(len(records), spec.batch_size, spec.max_tokens)
         results = []
         for event in generate(model, tokenizer, records, config, edits=prepare(edits, model.config, saes),
-                              saes=saes):
+                              control=control, saes=saes):
             counter.add(event)
             if isinstance(event, ResultEvent):
                 results.append(event.result)
@@ -101,10 +121,10 @@ def batch_generate(
         if view is not None:
             view.close(counter.snapshot())
         return sorted(results, key=lambda r: r.index)
-    selection = select(model.config, list(spec.patterns), list(exclude), layers, positions, saes)
+    selection = select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions, saes)
     size, line = capture_estimate(model, tokenizer, records, config, selection, saes)
     if size > WARN_BYTES:
-        warnings.warn(line, stacklevel=2)
+        warnings.warn(line, stacklevel=3)
     address = f"inproc://gemmalens-{uuid.uuid4().hex}"
     context = zmq.Context.instance()
     publisher = Publisher(reliable=address, expect=1, context=context)
@@ -115,7 +135,7 @@ def batch_generate(
     try:
         results, totals = serve(model, tokenizer, spec, records, records, selection, publisher,
                                 observe=view.update if view is not None else None, interventions=edits,
-                                saes=saes)
+                                saes=saes, control=control)
     except BaseException:
         archiver.stop_requested = True  # it waits for a run that will not come, or end
         raise

@@ -74,7 +74,9 @@ def describe(stats: dict[str, Any], written: int | None = None) -> str:
                      f"{stats['sinks_waited_seconds'] / seconds:.0%}")
     for name, sae in (stats.get("saes") or {}).items():  # each attached SAE: mean L0 and reconstruction error
         if isinstance(sae, dict) and sae.get("positions"):
-            parts.append(f"{name}: L0 {sae.get('mean_l0', 0):.0f}, error {sae.get('mean_error', 0):.2f}")
+            top = ", ".join(f"{f} ({a:.1f})" for f, a in sae.get("top_features") or [])
+            parts.append(f"{name}: L0 {sae.get('mean_l0', 0):.0f}, error {sae.get('mean_error', 0):.2f}"
+                         + (f", last token's top features {top}" if top else ""))
     eta = eta_seconds(stats)
     if stats.get("prompts_total") and stats.get("prompts_done", 0) >= stats["prompts_total"]:
         parts.append("done")

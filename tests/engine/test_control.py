@@ -124,3 +124,20 @@ def test_bad_requests_are_refused_and_the_run_goes_on(tiny, tmp_path):
     assert "not a site this model can edit" in answers[4]["error"] and "the site takes" in answers[5]["error"]
     assert answers[6]["in_force"] == []
     assert sum(isinstance(e, ResultEvent) for e in events) == 2
+
+
+def test_the_in_process_api_opens_a_control_socket_too(tiny, tmp_path):
+    model, tokenizer = tiny
+    address = f"ipc://{tmp_path}/control"
+
+    def steer_then_go():
+        with Controller(address, timeout=30) as controller:
+            applied = controller.apply([gemmalens.steer(SITE, np.ones(model.config.hidden_size), name="api")])
+            return applied["step"], [controller.go()["step"] for _ in range(2)]
+
+    thread, out = in_thread(steer_then_go)
+    results = gemmalens.batch_generate(model, tokenizer, ["one", "two"], max_tokens=3, temperature=0,
+                                       control=address, control_sync=True, control_timeout=30)
+    thread.join(30)
+    assert out["result"] == (1, [1, 2])
+    assert [r.interventions for r in results] == [["api"], ["api"]]

@@ -144,6 +144,35 @@ def test_feature_ops_need_a_known_sae_and_feature(resid, tiny):
         prepare([parse({"op": "ablate_feature", "sae": sae.name, "feature": 48})], model.config, [sae])
 
 
+def test_the_monitor_keeps_each_saes_means_and_the_last_tokens_strongest_features(resid, tiny):
+    from gemmalens.engine.events import ResultEvent
+    from gemmalens.engine.generation import GenerationConfig, generate
+    from gemmalens.engine.sae import SaeMonitor
+    from gemmalens.engine.sampling import SamplingParams
+    from gemmalens.prompts import Prompt
+
+    sae, weights = resid
+    model, tokenizer = tiny
+    monitor = SaeMonitor([sae])
+    config = GenerationConfig(max_tokens=1, sampling=SamplingParams(0.0, 1.0, None, 1.0), seed=1, batch_size=2)
+    events = list(generate(model, tokenizer, [Prompt(0, ROWS[0]), Prompt(1, ROWS[1])], config, saes=[sae],
+                           monitor=monitor))
+    assert sum(isinstance(e, ResultEvent) for e in events) == 2
+    _, values = gemmalens.run_with_capture(model, tokenizer, ROWS, [SITE])
+    x = np.array(values[SITE])
+    real = [x[r, values.pad[r]:] for r in range(2)]
+    features = [jumprelu(v, weights) for v in real]
+    reconstruction = [f @ weights["w_dec"] + weights["b_dec"] for f in features]
+    errors = np.concatenate([((v - r) ** 2).sum(-1) / (v ** 2).sum(-1) for v, r in zip(real, reconstruction)])
+    summary = monitor.summary()[sae.name]
+    assert summary["positions"] == len(errors)
+    assert np.isclose(summary["mean_error"], errors.mean(), rtol=1e-4)
+    assert np.isclose(summary["mean_l0"], np.concatenate([(f > 0).sum(-1) for f in features]).mean())
+    last = features[0][-1]
+    strongest = [int(i) for i in np.argsort(-last)[:5] if last[i] > 0]
+    assert [f for f, _ in summary["top_features"]] == strongest
+
+
 def test_generation_archives_features_at_every_step(resid, tiny, tmp_path):
     sae, weights = resid
     model, tokenizer = tiny

@@ -25,6 +25,12 @@ def test_finished_run_says_done_and_eta_is_unknown_before_any_step():
     assert describe({"prompts_done": 0, "prompts_total": 8, "seconds": 0.0}).endswith("ETA ?")
 
 
+def test_line_shows_each_saes_l0_error_and_the_last_tokens_top_features():
+    line = describe({**STATS, "saes": {"res9": {"positions": 40, "mean_l0": 61.4, "mean_error": 0.123,
+                                                "top_features": [[812, 14.25], [7, 3.5]]}}})
+    assert "res9: L0 61, error 0.12, last token's top features 812 (14.2), 7 (3.5)" in line
+
+
 def test_folder_bytes_counts_files_in_subfolders(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.npz").write_bytes(b"1" * 1000)
