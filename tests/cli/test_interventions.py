@@ -87,3 +87,9 @@ def test_a_controller_steers_a_running_synchronous_run_from_the_command_line(tmp
     assert load_json(out / "summary.json")["interventions"][0]["rows"] == list(range(8))
     refused = run_cli("control", address, "list", "--timeout", 1)
     assert refused.returncode == 1 and "no answer from the engine" in refused.stderr
+
+
+def test_a_control_socket_beyond_loopback_needs_keys(tmp_path, tiny_folder):
+    refused = run_cli("run", "--model", tiny_folder, *RUN, "--control", "tcp://0.0.0.0:5799", "--output-dir",
+                      tmp_path / "out", "--quiet")
+    assert refused.returncode == 2 and "tcp://0.0.0.0:5799 exposes the bus beyond this machine" in refused.stderr

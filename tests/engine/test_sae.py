@@ -203,3 +203,18 @@ def test_features_travel_and_are_stored_as_their_nonzeros(resid, tiny, tmp_path)
     _, sparse = archive.trajectory(name, 1, sparse=True)
     assert sparse.shape == dense.shape and np.array_equal(sparse.dense(), dense)
     assert len(sparse.values) == int((dense != 0).sum()) < dense.size
+
+
+def test_clamping_a_transcoder_feature_edits_the_mlp_output_it_predicts(tmp_path, tiny):
+    model, tokenizer = tiny
+    weights = write_sae(tmp_path, "transcoder/layer_2_width_48_l0_big", "model.layers.2.pre_feedforward_layernorm.output",
+                        64, kind="transcoder", hook_out="model.layers.2.post_feedforward_layernorm.output")
+    sae = load_sae(tmp_path / "transcoder/layer_2_width_48_l0_big")
+    names = [sae.site, sae.site_out]
+    _, plain = gemmalens.run_with_capture(model, tokenizer, ROWS[:1], names, saes=[sae])
+    clamp = parse({"op": "clamp_feature", "sae": sae.name, "feature": 4, "value": 5.0})
+    _, edited = gemmalens.run_with_capture(model, tokenizer, ROWS[:1], names, interventions=[clamp], saes=[sae])
+    x, y = np.array(plain[sae.site]), np.array(plain[sae.site_out])
+    assert np.array_equal(np.array(edited[sae.site]), x)  # the MLP's input is read, not edited
+    expected = y + (5.0 - jumprelu(x, weights)[..., 4:5]) * weights["w_dec"][4]
+    assert np.allclose(np.array(edited[sae.site_out]), expected, atol=1e-4)
