@@ -42,9 +42,10 @@ class Prepared:
 
 
 def editable_sites(config: Gemma3Config) -> dict[str, list[str]]:
-    """Every site an intervention may name, with its dimensions after ``[batch, seq]``."""
+    """Every site an intervention may name, with its dimensions after ``[batch, seq]`` (not attention scores and
+    weights, not the logit lens: a reading beside the model, nothing downstream uses it)."""
     return {name: shape.split(",")[2:] for name, shape, _ in catalogue(config)
-            if name.startswith("model.") and not shape.startswith("B,H,S,K")}
+            if name.startswith("model.") and not shape.startswith("B,H,S,K") and ".logit_lens." not in name}
 
 
 def prepare(interventions: Sequence[Intervention], config: Gemma3Config, saes: Sequence = ()) -> list[Prepared]:

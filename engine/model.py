@@ -241,6 +241,8 @@ class TransformerBlock(nn.Module):
         "mlp",
         ("post_feedforward_layernorm_out", "B,S,E", "RMSNorm after the MLP"),
         ("resid_out", "B,S,E", "residual stream leaving the layer"),
+        ("logit_lens.tokens", "B,S,T", "logit lens: the T most likely next tokens of final_norm(resid_out) @ E.T"),
+        ("logit_lens.probs", "B,S,T", "logit lens: their probabilities (softmax over the vocabulary)"),
     )
 
     def __init__(self, config: Gemma3Config, index: int):
@@ -357,6 +359,8 @@ class Gemma3(nn.Module):
                 window = c.sliding_window if sliding else None
                 views[sliding] = KeyView.of(offset, L, pad, layer_cache, window, total, h.dtype)
             h = layer(h, rotary[sliding], views[sliding], layer_cache, offset, cap)
+            if cap.wants(layer.p + "logit_lens.tokens", layer.p + "logit_lens.probs"):
+                self._logit_lens(layer.p, h, cap)
         if cache is not None:
             cache.offset = offset + L
 
@@ -364,6 +368,21 @@ class Gemma3(nn.Module):
             h = h[:, -1:]
         h = cap("model.norm_out", self.model.norm(h))
         return cap("model.logits", self.model.embed_tokens.as_linear(h))
+
+
+    def _logit_lens(self, prefix: str, h: mx.array, cap: Capture) -> None:
+        """The layer's residual stream read by the final norm and the tied unembedding: the ``LENS_TOP`` most
+        likely tokens at each position and their probabilities, most likely first."""
+        logits = self.model.embed_tokens.as_linear(self.model.norm(h)).astype(mx.float32)
+        top = mx.argpartition(-logits, kth=LENS_TOP - 1, axis=-1)[..., :LENS_TOP]
+        chosen = mx.take_along_axis(logits, top, axis=-1)
+        order = mx.argsort(-chosen, axis=-1)
+        probs = mx.exp(mx.take_along_axis(chosen, order, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True))
+        cap(prefix + "logit_lens.tokens", mx.take_along_axis(top, order, axis=-1).astype(mx.int32))
+        cap(prefix + "logit_lens.probs", probs)
+
+
+LENS_TOP = 10  # tokens the logit lens keeps per position
 
 
 @dataclass

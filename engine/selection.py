@@ -20,11 +20,12 @@ from gemmalens.wire import SAMPLE_TEMPLATE
 
 from . import sampling
 from .config import Gemma3Config
-from .model import MLP, Attention, Gemma3, TransformerBlock
+from .model import LENS_TOP, MLP, Attention, Gemma3, TransformerBlock
 
 # Dimension letters of the declared shapes and the axis names frames carry (docs/protocol.md).
 AXIS_NAMES = {"B": "batch", "S": "seq", "1": "seq", "E": "hidden", "F": "intermediate", "H": "heads",
-              "G": "kv_heads", "D": "head_dim", "K": "keys", "V": "vocab", "H*D": "features", "G*D": "features"}
+              "G": "kv_heads", "D": "head_dim", "K": "keys", "V": "vocab", "H*D": "features", "G*D": "features",
+              "T": "top"}
 _CHILDREN = {"self_attn": Attention, "mlp": MLP}
 
 
@@ -63,7 +64,7 @@ def axes_of(shape: str) -> tuple[str, ...]:
 def dimension_sizes(config: Gemma3Config) -> dict[str, int]:
     """The catalogue's dimension letters as sizes of this model."""
     return {"E": config.hidden_size, "F": config.intermediate_size, "H": config.num_attention_heads,
-            "G": config.num_key_value_heads, "D": config.head_dim, "V": config.vocab_size}
+            "G": config.num_key_value_heads, "D": config.head_dim, "V": config.vocab_size, "T": LENS_TOP}
 
 
 def eval_dim(dim: str, sizes: dict[str, int]) -> int:

@@ -40,7 +40,7 @@ DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "
           "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8,
           "uint16": np.uint16, "uint32": np.uint32, "bool": np.bool_}
 AXES = ("batch", "seq", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "keys", "vocab", "features",
-        "latents")
+        "latents", "top")
 
 NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_{}]+)*$")  # capture names: they become npz entry names
 SINK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -14,7 +14,8 @@ from helpers import load_json, run_cli
 import gemmalens
 
 QUICK = ["--max-tokens", 3, "--temperature", 0, "--batch-size", 4]
-LONG = ["--max-tokens", 40, "--batch-size", 2, "--seed", 5, "--save-activations", "--capture",
+TOKENS = 24
+LONG = ["--max-tokens", TOKENS, "--batch-size", 2, "--seed", 5, "--save-activations", "--capture",
         "model.layers.*.resid_out"]
 
 
@@ -239,7 +240,7 @@ def test_an_engine_restarted_into_running_sinks_continues_the_run_as_a_new_segme
     ids = [json.loads(line)["id"] for line in lines(out)]
     assert sorted(ids) == sorted(set(ids)) == list(range(8))
     archive = gemmalens.open_activations(out)
-    assert archive.prompts == list(range(8)) and all(len(t) == 40 for t in archive.tokens.values())
+    assert archive.prompts == list(range(8)) and all(len(t) == TOKENS for t in archive.tokens.values())
 
 
 def test_sinks_whose_engine_died_end_incomplete_and_keep_what_they_have(tmp_path, tiny_folder):

@@ -66,3 +66,22 @@ def test_left_padded_batch_greedy_tokens_equal_each_prompt_alone(real):
     for prompt, result in zip(prompts, batched):
         alone = gemmalens.batch_generate(model, tokenizer, [prompt], max_tokens=12, temperature=0)[0]
         assert result.tokens == alone.tokens
+
+
+def test_logit_lens_equals_transformers_final_norm_and_tied_unembedding_on_each_layer(real, hf_reference):
+    model, tokenizer = real
+    reference, _ = hf_reference
+    ids = tokenizer.encode(TEXTS[0])
+    layers = [0, 8, model.config.num_hidden_layers - 1]
+    names = [f"model.layers.{i}.logit_lens.{part}" for i in layers for part in ("tokens", "probs")]
+    _, lens = gemmalens.run_with_capture(model, tokenizer, [ids], names)
+    with torch.no_grad():
+        out = reference(torch.tensor([ids]), output_hidden_states=True)
+        for i in layers:
+            hidden = out.hidden_states[i + 1] if i + 1 < len(out.hidden_states) - 1 else None
+            logits = (reference.lm_head(reference.model.norm(hidden)) if hidden is not None else out.logits)[0]
+            probs = torch.softmax(logits.double(), -1)
+            top = torch.topk(probs, 10, dim=-1)
+            assert np.array(lens[f"model.layers.{i}.logit_lens.tokens"])[0].tolist() == top.indices.tolist(), i
+            assert np.allclose(np.array(lens[f"model.layers.{i}.logit_lens.probs"])[0], top.values.numpy(),
+                               rtol=2e-3, atol=1e-6), i
