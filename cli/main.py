@@ -26,6 +26,7 @@ from gemmalens.spec import RUN_CONFIG, RunSpec
 
 from .control import control
 from .engine import engine
+from .report import report
 from .options import (INTERVENTION_OPTIONS, SPEC_OPTIONS, addresses, control_args, control_options, generation_options,
                       reports_errors, require_pair, spec_from)
 from .sinks import attach, keys, sink
@@ -403,6 +404,7 @@ cli.add_command(sink)
 cli.add_command(attach)
 cli.add_command(keys)
 cli.add_command(control)
+cli.add_command(report)
 
 
 def seed_main() -> None:
