@@ -223,6 +223,9 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         viewers = ([] if o["quiet"] else
                    [_spawn(["sink", "stats", *[a for x in lossy for a in ("--connect", x)], *client, *watched,
                             "--every", str(o["progress_every"]), *parent])])
+        if o["web"]:
+            viewers.append(_spawn(["sink", "web", *[a for x in lossy for a in ("--connect", x)], *client,
+                                   "--port", str(o["web_port"]), *parent]))
         names = [*sinks, *o["expect_sink"]]
         engines = {}
         for i in range(count):
@@ -315,6 +318,9 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
               help="Seconds between progress lines when stderr is not a terminal (a terminal gets a live bar).")
+@click.option("--web", is_flag=True, help="Serve a live page of the run (gemmalens sink web) and print its URL.")
+@click.option("--web-port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="The live page's port, on loopback.")
 @control_options
 @reports_errors
 def run(**o):

@@ -125,6 +125,28 @@ def results_sink(connect, name, idle_timeout, verbose, output_dir, echo, **o):
                         **common_arguments(o)), idle_timeout, managed)
 
 
+@sink.command("web")
+@common
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Where the page is served (beyond loopback, its URL carries a secret token).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Its port (0: any free one).")
+@reports_errors
+def web_sink(connect, name, idle_timeout, verbose, host, port, **o):
+    """Serve a live page of the run: tokens as they come for every row, speed, counters, SAE figures, the latest
+    logit lens (connect it to the engine's lossy endpoint)."""
+    from gemmalens.sinks.web import LiveWeb
+
+    try:
+        live = LiveWeb(list(connect), host=host, port=port, name=name or "web", **common_arguments(o))
+    except OSError as error:
+        raise click.UsageError(f"--host {host} --port {port}: cannot serve there ({error.strerror})") from None
+    click.echo(f"live page: {live.url}", err=True)
+    try:
+        serve(live, idle_timeout, o["parent"] is not None)
+    finally:
+        live.close()
+
+
 @sink.command("stats")
 @common
 @click.option("--every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
