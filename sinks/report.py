@@ -22,23 +22,38 @@ from .reader import open_activations
 
 TEMPLATE = Path(__file__).with_name("report.html")
 ATTENTION = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn_weights$")
+FEATURES = re.compile(r"^sae\.([A-Za-z0-9_]+)\.features$")
 LENS = re.compile(r"^model\.layers\.(\d+)\.logit_lens\.tokens$")
 
 
-def build_report(run_dir: str | Path) -> str:
-    """The report page of the run in ``run_dir`` (its results folder)."""
+def build_report(run_dir: str | Path, baseline: str | Path | None = None) -> str:
+    """The report page of the run in ``run_dir`` (its results folder); with ``baseline`` (another run's folder,
+    the same prompts without the edits), each prompt's tokens beside the baseline's."""
+    results, summary, archive = _run(run_dir)
+    pieces = _token_pieces(summary)
+    prompts = [_prompt(result, archive, pieces) for result in results]
+    if baseline is not None:
+        base_results, _, base_archive = _run(baseline)
+        by_id = {int(r["id"]): r for r in base_results}
+        for prompt in prompts:
+            if prompt["id"] in by_id:
+                base = _prompt(by_id[prompt["id"]], base_archive, pieces)
+                prompt["baseline"] = {"tokens": base["tokens"], "probs": base["probs"],
+                                      "ids": by_id[prompt["id"]]["tokens"]}
+    data = {"summary": _summary(summary), "prompts": prompts}
+    page = TEMPLATE.read_text(encoding="utf-8")
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # never closes the script element
+    return page.replace("/*DATA*/null", payload)
+
+
+def _run(run_dir: str | Path):
     folder = Path(run_dir)
     if not (folder / "results.json").exists():
         raise ConfigError(f"{folder}: no results.json; pass the --output-dir of a finished gemmalens run")
     results = json.loads((folder / "results.json").read_text())
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
-    pieces = _token_pieces(summary)
     archive = open_activations(folder) if (folder / "activations" / "activations_index.json").exists() else None
-    prompts = [_prompt(result, archive, pieces) for result in results]
-    data = {"summary": _summary(summary), "prompts": prompts}
-    page = TEMPLATE.read_text(encoding="utf-8")
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # never closes the script element
-    return page.replace("/*DATA*/null", payload)
+    return results, summary, archive
 
 
 def _token_pieces(summary: dict[str, Any]):
@@ -71,7 +86,8 @@ def _prompt(result: dict[str, Any], archive, piece) -> dict[str, Any]:
                            "prompt_tokens": [piece(t) for t in result["prompt_tokens"]],
                            "tokens": [piece(t) for t in result["tokens"]], "finish": result["finish_reason"],
                            "output": result["text"], "probs": None, "alternatives": None, "attention": {},
-                           "lens": {}}
+                           "lens": {}, "features": {}, "ids": result["tokens"],
+                           "interventions": result.get("interventions") or []}
     if archive is None or index not in archive.prompts:
         return out
     table = archive.sampling(index)
@@ -88,6 +104,15 @@ def _prompt(result: dict[str, Any], archive, piece) -> dict[str, Any]:
             out["attention"][match.group(1)] = {
                 "heads": int(square.shape[0]), "size": int(size),
                 "data": [base64.b64encode((h * 255).round().astype(np.uint8).tobytes()).decode() for h in square]}
+        elif match := FEATURES.match(name):
+            positions, sparse = archive.trajectory(name, index, sparse=True)
+            starts = np.concatenate([[0], np.cumsum(sparse.counts)])
+            tops = []
+            for j in range(len(positions)):
+                indices, values = sparse.indices[starts[j]:starts[j + 1]], sparse.values[starts[j]:starts[j + 1]]
+                best = np.argsort(-values)[:5]
+                tops.append([[int(indices[b]), round(float(values[b]), 3)] for b in best])
+            out["features"][match.group(1)] = {"positions": positions.tolist(), "top": tops}
         elif match := LENS.match(name):
             _, tokens = archive.trajectory(name, index)
             _, probs = archive.trajectory(name.replace(".tokens", ".probs"), index)
