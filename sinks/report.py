@@ -31,13 +31,14 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None) -> str
     the same prompts without the edits), each prompt's tokens beside the baseline's."""
     results, summary, archive = _run(run_dir)
     pieces = _token_pieces(summary)
-    prompts = [_prompt(result, archive, pieces) for result in results]
+    layers = ((summary.get("model") or {}).get("config") or {}).get("num_hidden_layers")
+    prompts = [_prompt(result, archive, pieces, layers) for result in results]
     if baseline is not None:
         base_results, _, base_archive = _run(baseline)
         by_id = {int(r["id"]): r for r in base_results}
         for prompt in prompts:
             if prompt["id"] in by_id:
-                base = _prompt(by_id[prompt["id"]], base_archive, pieces)
+                base = _prompt(by_id[prompt["id"]], base_archive, pieces, layers)
                 prompt["baseline"] = {"tokens": base["tokens"], "probs": base["probs"],
                                       "ids": by_id[prompt["id"]]["tokens"]}
     data = {"summary": _summary(summary), "prompts": prompts}
@@ -80,7 +81,9 @@ def _summary(summary: dict[str, Any]) -> dict[str, Any]:
             "versions": summary.get("versions")}
 
 
-def _prompt(result: dict[str, Any], archive, piece) -> dict[str, Any]:
+def _prompt(result: dict[str, Any], archive, piece, layers: int | None) -> dict[str, Any]:
+    """One prompt's data; ``layers``: the model's layer count (the last layer's logit lens stands in for the
+    sampler's alternatives when those were not captured: it is the model's own next-token distribution)."""
     index = int(result["id"])
     out: dict[str, Any] = {"id": index, "text": result["prompt"], "category": result.get("category"),
                            "prompt_tokens": [piece(t) for t in result["prompt_tokens"]],
@@ -118,7 +121,12 @@ def _prompt(result: dict[str, Any], archive, piece) -> dict[str, Any]:
             _, probs = archive.trajectory(name.replace(".tokens", ".probs"), index)
             out["lens"][match.group(1)] = [[[piece(t), round(float(p), 4)] for t, p in zip(row[:5], chance[:5])]
                                            for row, chance in zip(tokens.tolist(), probs.tolist())]
+    last = out["lens"].get(str(layers - 1)) if layers else None
+    if last is not None and not any(out["alternatives"] or []):  # the model's own top tokens, from the last layer's
+        start = len(result["prompt_tokens"]) - 1  # lens: position p predicts the token at p + 1
+        out["alternatives"] = [last[start + k] if start + k < len(last) else [] for k in range(len(result["tokens"]))]
     return out
+
 
 
 def _chosen(row: dict[str, Any]) -> float | None:
