@@ -81,7 +81,9 @@ def engine(**o):
     from gemmalens.engine.control import ControlServer
     from gemmalens.engine.loading import chat_warning, load
     from gemmalens.engine.publisher import Publisher
-    from gemmalens.engine.run import attached_saes, capture_estimate, check_prompts, generation_config, serve
+    from gemmalens.engine.run import capture_estimate, check_prompts, generation_config, serve
+    from gemmalens.engine.sae import attach
+    from gemmalens.engine.transfer import dtype_name
     from gemmalens.engine.selection import NO_SELECTION, select
 
     stop = {}
@@ -101,7 +103,7 @@ def engine(**o):
                           sink_timeout=o["sink_timeout"])
     try:
         model, tokenizer = load(spec.model, dtype=spec.dtype)
-        saes = attached_saes(spec, model)
+        saes = attach(spec.saes, model.config, dtype_name(model.dtype))
         selection = (select(model.config, list(spec.patterns), list(spec.exclude), spec.layers, spec.positions, saes)
                      if spec.patterns else NO_SELECTION)
         config = generation_config(spec)

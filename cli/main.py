@@ -132,15 +132,13 @@ def _check_inputs(o: dict, spec: RunSpec) -> None:
     from gemmalens.curve import check_exposure
     from gemmalens.engine.config import config_from_hf
     from gemmalens.engine.loading import read_config_json, resolve
-    from gemmalens.engine.sae import load_sae
+    from gemmalens.engine.sae import attach
     from gemmalens.engine.selection import select
 
     if spec.prompts_file:
         load_prompts(spec.prompts_file)
     config = config_from_hf(read_config_json(resolve(spec.model)))
-    saes = [load_sae(source) for source in spec.saes]
-    for sae in saes:
-        sae.check(config)
+    saes = attach(spec.saes, config)
     select(config, list(spec.patterns) or ["*"], list(spec.exclude), spec.layers, spec.positions, saes)
     if spec.interventions:
         from gemmalens.engine.editing import prepare
@@ -253,8 +251,8 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if summary is not None and summary.get("run") != run_id:  # an earlier run's
         summary = None
-    metadata = out / METADATA
-    started = summary is not None or (metadata.exists() and json.loads(metadata.read_text()).get("run") == run_id)
+    metadata = json.loads((out / METADATA).read_text()) if (out / METADATA).exists() else {}
+    started = summary is not None or metadata.get("run") == run_id
     named = {**engines, **sinks} if started else engines  # a run that never started: the engine's fault
     problems = [f"{name} {_describe_exit(p.returncode)}" for name, p in named.items() if p.returncode]
     if not started:
@@ -265,7 +263,7 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
     if summary is None:  # the results sink died before writing it: the run's verdict is still recorded
         summary = {"complete": False, "run": run_id, "reason": None,
                    "prompts_done": len(read_result_lines(out / RESULTS_LINES)),
-                   "prompts_total": len(json.loads(metadata.read_text())["prompts"]) if metadata.exists() else 0}
+                   "prompts_total": len(metadata.get("prompts", []))}
     complete = not problems and bool(summary.get("complete"))
     summary["processes"] = {name: p.returncode for name, p in {**engines, **sinks}.items()}
     summary["complete"] = complete

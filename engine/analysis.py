@@ -14,6 +14,7 @@ from gemmalens.prompts import Prompt
 from .capture import NO_CAPTURE, Capture
 from .editing import BatchEdits, prepare
 from .model import Gemma3
+from .sae import attach
 from .tokenizer import Tokenizer
 
 
@@ -54,8 +55,7 @@ def run_with_capture(model: Gemma3, tokenizer: Tokenizer, inputs, names: Sequenc
     ``prompts`` are row numbers here, and captured values at an edited site are the edited ones. ``saes``
     (``load_sae``) add the points ``sae.<name>.features`` and ``sae.<name>.error`` (dense)."""
     ids, pad = as_token_batch(tokenizer, inputs)
-    for sae in saes:
-        sae.check(model.config)
+    saes = attach(saes, model.config)
     edits, plan = None, None
     if interventions:
         rows = [Prompt(r, "") for r in range(ids.shape[0])]

@@ -28,7 +28,7 @@ from .events import ActivationEvent, BatchEndEvent, GenerationResult, ResultEven
 from .generation import GenerationConfig, generate
 from .model import Gemma3
 from .publisher import Publisher, Sink, Stopped
-from .sae import SAE, SaeMonitor, load_sae
+from .sae import SAE, SaeMonitor, attach
 from .sampling import SamplingParams
 from .selection import Selection, estimate_bytes
 from .tokenizer import Tokenizer
@@ -168,7 +168,7 @@ def serve(model: Gemma3, tokenizer: Tokenizer, spec: RunSpec, prompts: Sequence[
     read from ``spec``. ``control``: a live control socket, which then holds the set in force. ``saes``: the
     attached SAEs (None: loaded from ``spec.saes``).
     """
-    saes = attached_saes(spec, model) if saes is None else list(saes)
+    saes = attach(spec.saes if saes is None else saes, model.config, dtype_name(model.dtype))
     edits = prepare(parse_all(spec.interventions) if interventions is None else interventions, model.config, saes)
     if control is not None:
         control.current = list(edits)
@@ -233,21 +233,12 @@ def publish_run(
     except BaseException as error:
         publisher.finish(False, f"failed: {type(error).__name__}: {error}", progress.snapshot())
         raise
-    notes = (control.notes if control is not None else []) + (monitor.warnings() if monitor else [])
-    for note in monitor.warnings() if monitor else ():
+    warnings = monitor.warnings() if monitor else []
+    for note in warnings:
         print(f"engine: warning: {note}", file=sys.stderr, flush=True)
+    notes = (control.notes if control is not None else []) + warnings
     extra = {**progress.snapshot(), **({"notes": notes} if notes else {}),
              **({"saes": monitor.summary()} if monitor else {})}
     totals = publisher.finish(reason is None, reason, extra)
     return results, totals
 
-
-def attached_saes(spec: RunSpec, model: Gemma3) -> list[SAE]:
-    """The SAEs a run's settings attach, loaded in the model's dtype and checked against it."""
-    saes = [load_sae(source, dtype=dtype_name(model.dtype)) for source in spec.saes]
-    for sae in saes:
-        sae.check(model.config)
-    names = [sae.name for sae in saes]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two attached SAEs have the same name ({', '.join(names)}): attach each once")
-    return saes

@@ -179,6 +179,18 @@ def _folder(source: str | Path) -> Path:
                 "the cache, or pass the local folder") from None
 
 
+def attach(saes, config: Gemma3Config, dtype: str | None = "float32") -> list[SAE]:
+    """The SAEs a run attaches: ``SAE`` objects as they are, sources loaded in ``dtype``; each checked against the
+    model's ``config``, and two of one name refused (their capture points would collide)."""
+    out = [sae if isinstance(sae, SAE) else load_sae(sae, dtype=dtype) for sae in saes]
+    for sae in out:
+        sae.check(config)
+    names = [sae.name for sae in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two attached SAEs have the same name ({', '.join(names)}): attach each once")
+    return out
+
+
 class SaeMonitor:
     """Each attached SAE's mean reconstruction error and L0 over the positions a run computed (padding and
     finished rows left out); a mean error above ``threshold`` says the SAE reads something it was not trained

@@ -21,7 +21,7 @@ from gemmalens.engine.model import Gemma3
 from gemmalens.engine.publisher import Publisher
 from gemmalens.engine.run import WARN_BYTES, Progress, capture_estimate, generation_config, serve
 from gemmalens.engine.selection import select
-from gemmalens.engine.sae import SAE, load_sae
+from gemmalens.engine.sae import attach
 from gemmalens.engine.tokenizer import Tokenizer
 from gemmalens.engine.transfer import dtype_name
 from gemmalens.interventions import parse_all
@@ -79,9 +79,7 @@ def batch_generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     records = [Prompt(i, text) for i, text in enumerate(prompts)]
     edits = parse_all(interventions)
-    saes = [sae if isinstance(sae, SAE) else load_sae(sae, dtype=dtype_name(model.dtype)) for sae in saes]
-    for sae in saes:
-        sae.check(model.config)
+    saes = attach(saes, model.config, dtype_name(model.dtype))
     spec = RunSpec(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                    repetition_penalty=repetition_penalty, seed=secrets.randbits(31) if seed is None else seed,
                    batch_size=batch_size, chat_mode=chat, stop=tuple(stop or ()),

@@ -30,7 +30,7 @@ def build_report(run_dir: str | Path, baseline: str | Path | None = None) -> str
     """The report page of the run in ``run_dir`` (its results folder); with ``baseline`` (another run's folder,
     the same prompts without the edits), each prompt's tokens beside the baseline's."""
     results, summary, archive = _run(run_dir)
-    pieces = _token_pieces(summary)
+    pieces = token_pieces(summary.get("model"))
     layers = ((summary.get("model") or {}).get("config") or {}).get("num_hidden_layers")
     prompts = [_prompt(result, archive, pieces, layers) for result in results]
     if baseline is not None:
@@ -57,9 +57,10 @@ def _run(run_dir: str | Path):
     return results, summary, archive
 
 
-def _token_pieces(summary: dict[str, Any]):
-    """A function from token id to its text, from the run's tokenizer.json when it is at hand."""
-    folder = (summary.get("model") or {}).get("folder")
+def token_pieces(model: dict[str, Any] | None):
+    """A function from token id to its text, from the tokenizer.json of the run's model folder (``model``: what
+    summary.json and run.start say of the model) when it is at hand; else ``#id``."""
+    folder = (model or {}).get("folder")
     path = Path(folder) / "tokenizer.json" if folder else None
     if path is not None and path.exists():
         from tokenizers import Tokenizer

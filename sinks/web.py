@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlparse
 from gemmalens.wire import is_loopback
 
 from .base import LossySubscriber
+from .report import token_pieces
 
 PAGE = Path(__file__).with_name("web.html")
 LENS_LAYERS = 128  # logit-lens topics subscribed per layer index, up to this many layers
@@ -50,12 +51,7 @@ class LiveWeb(LossySubscriber):
             self.lock.notify_all()
 
     def on_run_start(self, info: dict[str, Any]) -> None:
-        folder = ((info.get("model") or {}).get("folder"))
-        if folder and (Path(folder) / "tokenizer.json").exists():
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-            self.piece = lambda i: (tokenizer.id_to_token(int(i)) or f"#{i}").replace("\u2581", " ")
+        self.piece = token_pieces(info.get("model"))
         rows = {p["index"]: {"prompt": p["text"], "tokens": [], "finish": None} for p in info.get("prompts", [])}
         self._change(run=info.get("run"), rows=rows)
 
