@@ -218,3 +218,11 @@ def test_clamping_a_transcoder_feature_edits_the_mlp_output_it_predicts(tmp_path
     assert np.array_equal(np.array(edited[sae.site]), x)  # the MLP's input is read, not edited
     expected = y + (5.0 - jumprelu(x, weights)[..., 4:5]) * weights["w_dec"][4]
     assert np.allclose(np.array(edited[sae.site_out]), expected, atol=1e-4)
+
+
+def test_two_saes_of_one_name_are_refused(resid, tiny):
+    from gemmalens.engine.sae import attach
+
+    sae, _ = resid
+    with pytest.raises(ConfigError, match="two attached SAEs have the same name"):
+        attach([sae, sae], tiny[0].config)
