@@ -139,7 +139,9 @@ def _check_inputs(o: dict, spec: RunSpec) -> None:
         load_prompts(spec.prompts_file)
     config = config_from_hf(read_config_json(resolve(spec.model)))
     saes = attach(spec.saes, config)
-    select(config, list(spec.patterns) or ["*"], list(spec.exclude), spec.layers, spec.positions, saes)
+    selection = select(config, list(spec.patterns) or ["*"], list(spec.exclude), spec.layers, spec.positions, saes)
+    if spec.dataset:
+        _check_dataset(spec, selection)
     if spec.interventions:
         from gemmalens.engine.editing import prepare
         from gemmalens.interventions import parse_all
@@ -149,10 +151,45 @@ def _check_inputs(o: dict, spec: RunSpec) -> None:
     check_exposure([a for a in (o["bind"], o["lossy_bind"], o["control"]) if a], curve, o["insecure"])
 
 
-def _run_spec(o: dict, out: Path, acts: Path | None) -> RunSpec:
+def _check_dataset(spec: RunSpec, selection) -> None:
+    """``--dataset`` needs the dataset extra, an explicit capture, and a captured per-token point for its columns."""
+    import fnmatch
+
+    from gemmalens.sinks.dataset import per_token
+
+    try:
+        import datasets  # noqa: F401
+        import fsspec  # noqa: F401
+    except ImportError:
+        raise click.UsageError("--dataset needs the dataset extra: pip install 'gemmalens[dataset]'") from None
+    if not spec.capture:
+        raise click.UsageError("--dataset needs --capture PATTERN: the points to write as columns, e.g. "
+                               "--capture 'model.layers.6.resid_out'")
+    points = spec.dataset_points or ("*",)
+    columns = [n for n in sorted(selection.model_names) if per_token(selection.axes[n])
+               and any(fnmatch.fnmatchcase(n, p) for p in points)]
+    if not columns:
+        raise click.UsageError("--dataset: no captured point has a value per token to write"
+                               + (f" among --dataset-points {' '.join(points)}" if spec.dataset_points else "")
+                               + " (attention scores and weights do not; `gemmalens names` lists the points)")
+
+
+def _dataset_dest(text: str | None, group: str | None = None) -> str | None:
+    """A dataset destination as the sink takes it: a URL as given, a local folder made absolute; a group's
+    subfolder of it with --process-by-group."""
+    if not text:
+        return None
+    if "://" in text:
+        return text.rstrip("/") + (f"/{group}" if group else "")
+    folder = Path(text).expanduser().absolute()
+    return str(folder / group if group else folder)
+
+
+def _run_spec(o: dict, out: Path, acts: Path | None, dataset: str | None = None) -> RunSpec:
     """This run's settings: from the options, or for ``--resume`` those the output folder holds (options given
     on the command line must agree with them where they change the outputs)."""
-    folders = {"output_dir": str(out.resolve()), "activations_dir": str(acts.resolve()) if acts else None}
+    folders = {"output_dir": str(out.resolve()), "activations_dir": str(acts.resolve()) if acts else None,
+               "dataset": dataset}
     given = spec_from(o, category=None, **folders)
     if not o["resume"]:
         return given if given.seed is not None else given.replace(seed=secrets.randbits(31))
@@ -168,17 +205,24 @@ def _run_spec(o: dict, out: Path, acts: Path | None) -> RunSpec:
     differing = stored.differences(stored.replace(**explicit))
     if differing:
         raise click.UsageError("--resume: these settings differ from the run being resumed: " + ", ".join(differing))
+    folders["dataset"] = folders["dataset"] or stored.dataset  # resumed too unless another is given
     return stored.replace(**{k: v for k, v in explicit.items() if k in RunSpec.FREE}, **folders)
 
 
-def _check_folders(out: Path, acts: Path | None, resume: bool) -> None:
+def _check_folders(out: Path, acts: Path | None, dataset: str | None, resume: bool) -> None:
     """A new run into folders holding an incomplete run is refused: ``--resume`` continues it."""
     from gemmalens.sinks.npz import folder_state as activations_state
     from gemmalens.sinks.results import folder_state as results_state
 
     if resume:
         return
-    for state in [results_state(out)] + ([activations_state(acts)] if acts is not None else []):
+    states = [results_state(out)] + ([activations_state(acts)] if acts is not None else [])
+    if dataset:
+        from gemmalens.sinks.arrowdata import DatasetWriter
+        from gemmalens.sinks.store import open_store
+
+        states.append(DatasetWriter(open_store(dataset)).state())
+    for state in states:
         if state.get("run") and not state["complete"]:
             raise click.UsageError(
                 f"{state['folder']} holds an incomplete run ({len(state['have'])} prompt(s) done): continue it with "
@@ -190,7 +234,9 @@ def _one_run(o: dict, spec: RunSpec, out: Path, acts: Path | None, category: str
     try:
         if acts is not None:
             locks.append(FolderLock(acts).acquire())
-        _check_folders(out, acts, o["resume"])
+        if spec.dataset and "://" not in spec.dataset:
+            locks.append(FolderLock(spec.dataset).acquire())
+        _check_folders(out, acts, spec.dataset, o["resume"])
         return _launch(o, spec.replace(category=category), out, acts)
     finally:
         for lock in locks:
@@ -215,6 +261,10 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
             sinks["npz"] = _spawn(["sink", "npz", *connect, "--activations-dir", str(acts)]
                                   + (["--no-compress-activations"] if o["no_compress_activations"] else [])
                                   + (["--processes", str(o["archiver_processes"])] if o["archiver_processes"] else []))
+        if spec.dataset:
+            sinks["dataset"] = _spawn(["sink", "dataset", *connect, "--dest", spec.dataset, "--rows", spec.dataset_rows,
+                                       "--context", str(spec.context), "--shard-mb", str(o["dataset_shard_mb"]),
+                                       *[a for p in spec.dataset_points for a in ("--points", p)]])
         for n, spec_text in enumerate(o["attach"]):
             sinks[f"attached-{n}"] = _spawn(["attach", spec_text, *connect, "--name", f"attached-{n}"])
         watched = [a for folder in (out, acts) if folder is not None for a in ("--watch", str(folder))]
@@ -239,10 +289,11 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         received = _supervise(engines, sinks, viewers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _verdict(out, acts, engines, sinks, received, run_id)
+    return _verdict(out, acts, spec.dataset, engines, sinks, received, run_id)
 
 
-def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received: int | None, run_id: str) -> int:
+def _verdict(out: Path, acts: Path | None, dataset: str | None, engines: dict, sinks: dict, received: int | None,
+             run_id: str) -> int:
     """Says what the run left: complete, or what is missing and which process failed; records it in
     summary.json. The exit code follows the worst: 130/143 for a user's stop, 2 for a usage error, else 1."""
     from gemmalens.sinks.results import METADATA, RESULTS_LINES, read_result_lines
@@ -272,7 +323,8 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
     dump_json(summary_path, summary)
     state = "complete" if complete else f"INCOMPLETE: {summary['reason'] or 'see summary.json'}"
     click.echo(f"{summary['prompts_done']}/{summary['prompts_total']} prompts, {state}; results in {out}"
-               + (f", activations in {acts}" if acts is not None else ""), err=True)
+               + (f", activations in {acts}" if acts is not None else "")
+               + (f", dataset in {dataset}" if dataset else ""), err=True)
     if not complete:
         click.echo("continue it with the same command and --resume", err=True)
     if received is not None:
@@ -319,6 +371,18 @@ def _verdict(out: Path, acts: Path | None, engines: dict, sinks: dict, received:
 @click.option("--web", is_flag=True, help="Serve a live page of the run (gemmalens sink web) and print its URL.")
 @click.option("--web-port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="The live page's port, on loopback.")
+@click.option("--dataset", default=None, metavar="FOLDER|URL",
+              help="Also write the captured per-token points as a Hugging Face datasets dataset here: a folder or "
+                   "an fsspec URL such as s3://bucket/path (needs --capture; docs/datasets.md).")
+@click.option("--dataset-rows", type=click.Choice(["token", "context"]), default="token", show_default=True,
+              help="Dataset rows: one per token, or one per window of --context tokens (SAELens' cached "
+                   "activations).")
+@click.option("--context", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens per dataset row with --dataset-rows context.")
+@click.option("--dataset-points", multiple=True, metavar="PATTERN",
+              help="Write only the captured points matching this glob to the dataset (repeatable).")
+@click.option("--dataset-shard-mb", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
+              help="Close a dataset shard once it holds this many MB.")
 @control_options
 @reports_errors
 def run(**o):
@@ -332,8 +396,9 @@ def run(**o):
         return
     if o["control"] and o["engines"] > 1:
         raise click.UsageError("--control works with one engine (--engines 1)")
+    npz = o["save_activations"] or o["activations_dir"] or (o["capture"] and not o["dataset"])
     if (o["capture"] or o["activations_dir"]) and not o["save_activations"]:
-        o["save_activations"] = True
+        o["save_activations"] = True  # capture is on; the npz archiver runs only if asked for (not for --dataset)
     if o["prompts_file"]:
         o["prompts_file"] = str(Path(o["prompts_file"]).resolve())
     if o["model"] is not None and Path(o["model"]).expanduser().exists():
@@ -341,9 +406,9 @@ def run(**o):
     o["saes"] = tuple(str(Path(s).expanduser().absolute()) if Path(s).expanduser().exists() else s for s in o["saes"])
     out = Path(o["output_dir"])
     acts = Path(o["activations_dir"]) if o["activations_dir"] else out / "activations"
-    acts = acts if o["save_activations"] or (o["resume"] and (acts / "activations_index.json").exists()) else None
+    acts = acts if npz or (o["resume"] and (acts / "activations_index.json").exists()) else None
     if not o["process_by_group"]:
-        spec = _run_spec(o, out, acts)
+        spec = _run_spec(o, out, acts, _dataset_dest(o["dataset"]))
         _check_inputs(o, spec)
         sys.exit(_one_run(o, spec, out, acts, None))
     prompts = load_prompts(o["prompts_file"]) if o["prompts_file"] else parse_prompts(DEFAULT_PROMPTS)
@@ -353,7 +418,7 @@ def run(**o):
         for category in groups:
             folder = safe_folder_name(category)
             group_acts = acts / folder if acts is not None else None
-            spec = _run_spec(o, out / folder, group_acts)
+            spec = _run_spec(o, out / folder, group_acts, _dataset_dest(o["dataset"], folder))
             if category == next(iter(groups)):
                 _check_inputs(o, spec)
             code = _one_run(o, spec, out / folder, group_acts, category)

@@ -13,6 +13,7 @@ from gemmalens.sinks.base import Subscriber
 from gemmalens.sinks.npz import NpzArchiver
 from gemmalens.sinks.results import ResultsWriter
 from gemmalens.sinks.stats import LiveStats
+from gemmalens.spec import DATASET_ROWS
 from gemmalens.wire import Limits
 
 from .options import addresses, parent_option, reports_errors, require_pair, watch_parent
@@ -110,6 +111,28 @@ def npz_sink(connect, name, idle_timeout, verbose, activations_dir, no_compress_
     managed = o["parent"] is not None
     serve(NpzArchiver(list(connect), activations_dir, compress=not no_compress_activations, name=name or "npz",
                       processes=processes, locked=managed, **common_arguments(o)), idle_timeout, managed)
+
+
+@sink.command("dataset")
+@common
+@click.option("--dest", required=True, metavar="FOLDER|URL",
+              help="Where the dataset goes: a folder, or an fsspec URL (s3://bucket/path, gs://..., memory://...).")
+@click.option("--rows", type=click.Choice(DATASET_ROWS), default="token", show_default=True,
+              help="One row per token, or one per window of --context tokens (SAELens' cached activations).")
+@click.option("--context", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens per row with --rows context.")
+@click.option("--points", multiple=True, metavar="PATTERN",
+              help="Write only the captured points matching this glob (repeatable; default: every per-token one).")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
+              help="Close a shard (a file of the dataset) once it holds this many MB.")
+@reports_errors
+def dataset_sink(connect, name, idle_timeout, verbose, dest, rows, context, points, shard_mb, **o):
+    """Write captured per-token values as a Hugging Face datasets dataset (load_from_disk; SAELens reads it)."""
+    from gemmalens.sinks.dataset import DatasetSink
+
+    managed = o["parent"] is not None
+    serve(DatasetSink(list(connect), dest, rows=rows, context_size=context, points=points, shard_mb=shard_mb,
+                      name=name or "dataset", locked=managed, **common_arguments(o)), idle_timeout, managed)
 
 
 @sink.command("results")

@@ -18,6 +18,7 @@ from .errors import ConfigError
 POSITIONS = ("all", "prompt", "generated", "last")
 WIRE_DTYPES = ("float32", "bfloat16")
 CODECS = ("raw", "lz4", "lz4+shuffle")
+DATASET_ROWS = ("token", "context")
 RUN_CONFIG = "run_config.json"
 
 
@@ -49,17 +50,23 @@ class RunSpec:
     codec: str = "lz4"
     output_dir: str | None = None  # where the results sink writes (informational)
     activations_dir: str | None = None  # where the npz archiver writes (informational)
+    dataset: str | None = None  # where the dataset sink writes: a folder or fsspec URL (sinks/dataset.py)
+    dataset_rows: str = "token"  # one row per token, or per window of `context` tokens
+    context: int = 128
+    dataset_points: tuple[str, ...] = ()  # the captured points the dataset takes (empty: every per-token one)
 
     # Settings that do not change what a prompt's outputs are: a resumed run may change them.
-    FREE = ("batch_size", "codec", "output_dir", "activations_dir")
+    FREE = ("batch_size", "codec", "output_dir", "activations_dir", "dataset")
 
     def __post_init__(self):
-        for name in ("stop", "capture", "exclude", "interventions", "saes"):
+        for name in ("stop", "capture", "exclude", "interventions", "saes", "dataset_points"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         if self.positions not in POSITIONS:
             raise ConfigError(f"positions {self.positions!r}: expected one of {', '.join(POSITIONS)}")
         if self.wire_dtype not in (None, *WIRE_DTYPES):
             raise ConfigError(f"wire dtype {self.wire_dtype!r}: expected one of {', '.join(WIRE_DTYPES)}")
+        if self.dataset_rows not in DATASET_ROWS:
+            raise ConfigError(f"dataset rows {self.dataset_rows!r}: expected one of {', '.join(DATASET_ROWS)}")
         if self.codec not in CODECS:
             raise ConfigError(f"codec {self.codec!r}: expected one of {', '.join(CODECS)}")
 
@@ -70,7 +77,7 @@ class RunSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("stop", "capture", "exclude", "interventions", "saes"):
+        for name in ("stop", "capture", "exclude", "interventions", "saes", "dataset_points"):
             out[name] = list(out[name])
         return out
 
