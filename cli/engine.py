@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from gemmalens.corpus import corpus_prompts
 from gemmalens.curve import CurveServer, check_exposure
 from gemmalens.prompts import DEFAULT_PROMPTS, load_prompts, parse_prompts
 from gemmalens.spec import RunSpec
@@ -17,8 +18,10 @@ from .options import (addresses, control_options, generation_options, parent_opt
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def prompt_set(prompts_file, category=None):
-    """The run's prompts: a file (or the built-in set), or one category of it."""
+def prompt_set(prompts_file, category=None, corpus=None):
+    """The run's prompts: a file (or the built-in set), or one category of it; or a packed corpus's windows."""
+    if corpus:
+        return corpus_prompts(corpus)
     prompts = load_prompts(prompts_file) if prompts_file else parse_prompts(DEFAULT_PROMPTS, "built-in prompts")
     if category is not None:
         prompts = [p for p in prompts if (p.category or "uncategorized") == category]
@@ -94,7 +97,7 @@ def engine(**o):
     curve = CurveServer(o["curve_secret"], o["curve_allow"]) if require_pair(o, "curve_secret", "curve_allow") else None
     check_exposure(list(o["bind"]) + list(o["lossy_bind"]) + ([o["control"]] if o["control"] else []), curve,
                    o["insecure"])
-    prompts = prompt_set(spec.prompts_file, spec.category)
+    prompts = prompt_set(spec.prompts_file, spec.category, spec.corpus)
     share = my_share(prompts, o["shard"])
     # Bound first: a busy address fails at once, and sinks connect while the model loads.
     publisher = Publisher(reliable=list(o["bind"]), lossy=list(o["lossy_bind"]) or None, expect=o["expect"],

@@ -26,6 +26,7 @@ from gemmalens.spec import RUN_CONFIG, RunSpec
 
 from .control import control
 from .engine import engine
+from .harvest import harvest
 from .report import report
 from .options import (INTERVENTION_OPTIONS, SPEC_OPTIONS, addresses, control_args, control_options, generation_options,
                       reports_errors, require_pair, spec_from)
@@ -383,6 +384,8 @@ def _verdict(out: Path, acts: Path | None, dataset: str | None, engines: dict, s
               help="Write only the captured points matching this glob to the dataset (repeatable).")
 @click.option("--dataset-shard-mb", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
               help="Close a dataset shard once it holds this many MB.")
+@click.option("--corpus", default=None, hidden=True,
+              help="Generate for a packed corpus's windows instead of prompts (what `gemmalens harvest` passes).")
 @control_options
 @reports_errors
 def run(**o):
@@ -474,6 +477,7 @@ cli.add_command(attach)
 cli.add_command(keys)
 cli.add_command(control)
 cli.add_command(report)
+cli.add_command(harvest)
 
 
 def seed_main() -> None:

@@ -22,7 +22,8 @@ DEFAULTS = RunSpec()
 # The RunSpec fields the generation options set (the rest come from other options of each command).
 SPEC_OPTIONS = ("model", "dtype", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
                 "batch_size", "chat_mode", "stop", "capture", "exclude", "layers", "positions", "wire_dtype",
-                "save_activations", "prompts_file", "codec", "saes", "dataset_rows", "context", "dataset_points")
+                "save_activations", "prompts_file", "codec", "saes", "dataset_rows", "context", "dataset_points",
+                "corpus")
 INTERVENTION_OPTIONS = ("interventions_file", "steer", "ablate")  # together they set RunSpec.interventions
 
 

@@ -139,7 +139,7 @@ def _generate_batch(model, tokenizer, prompts: list[Prompt], config: GenerationC
     started = time.perf_counter()
     indices, batch = [p.index for p in prompts], prompts[0].index
     formatted = [tokenizer.format(p.text, config.chat) for p in prompts]
-    rows = [tokenizer.encode(p.text, config.chat) for p in prompts]
+    rows = [tokenizer.prompt_ids(p, config.chat) for p in prompts]
     ids, pad = tokenizer.pad_batch(rows)
     B, width = ids.shape
     vocab = model.config.vocab_size

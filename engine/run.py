@@ -74,7 +74,8 @@ class Progress:
 
     def __init__(self, prompts_total: int, batch_size: int, max_tokens: int):
         self.started = time.perf_counter()
-        self.values: dict[str, Any] = {"prompts_done": 0, "prompts_total": prompts_total, "tokens": 0, "frames": 0,
+        self.values: dict[str, Any] = {"prompts_done": 0, "prompts_total": prompts_total, "tokens": 0,
+                                       "prompt_tokens": 0, "frames": 0,
                                        "batches_done": 0, "batches_total": -(-prompts_total // batch_size),
                                        "batch": None, "step": 0, "max_tokens": max_tokens}
 
@@ -87,19 +88,21 @@ class Progress:
             values["batch"], values["step"] = event.batch, event.step
         elif isinstance(event, ResultEvent):
             values["prompts_done"] += 1
+            values["prompt_tokens"] += len(event.result.prompt_tokens)
         elif isinstance(event, BatchEndEvent):
             values["batches_done"] += 1
 
     def snapshot(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
         return {**self.values, "seconds": seconds,
-                "tokens_per_second": self.values["tokens"] / seconds if seconds else 0.0}
+                "tokens_per_second": self.values["tokens"] / seconds if seconds else 0.0,
+                "prompt_tokens_per_second": self.values["prompt_tokens"] / seconds if seconds else 0.0}
 
 
 def check_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt], chat: bool, max_tokens: int, context: int) -> None:
     """Refuses prompts that cannot be generated: longer than the model's context less ``max_tokens``."""
     room = context - max_tokens
-    long = [(p.index, n) for p in prompts if (n := len(tokenizer.encode(p.text, chat))) > room]
+    long = [(p.index, n) for p in prompts if (n := len(tokenizer.prompt_ids(p, chat))) > room]
     if long:
         listed = ", ".join(f"prompt {i} ({n} tokens)" for i, n in long[:5]) + (" ..." if len(long) > 5 else "")
         raise ConfigError(f"{len(long)} prompt(s) do not fit the model's context of {context} tokens with "
@@ -111,7 +114,7 @@ def capture_estimate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[Prom
                      selection: Selection, saes: Sequence[SAE] = ()) -> tuple[int, str]:
     """The bytes a capture run writes at most (``estimate_bytes``) and a line saying so; above 1 GiB the line
     warns and says how to narrow the capture."""
-    lengths = [len(tokenizer.encode(p.text, config.chat)) for p in prompts]
+    lengths = [len(tokenizer.prompt_ids(p, config.chat)) for p in prompts]
     size = estimate_bytes(model.config, selection, lengths, config.max_tokens, config.batch_size, saes)
     points = len(selection.model_names) + len(selection.names_for_step(1) - selection.model_names)
     line = (f"capture: at most {size / 1e9:.2f} GB before compression ({points} points, {len(prompts)} prompts, up "

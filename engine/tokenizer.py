@@ -74,6 +74,10 @@ class Tokenizer:
         ids = self.backend.encode(prompt, add_special_tokens=False).ids
         return [self.bos_id, *ids] if self.add_bos_token else ids
 
+    def prompt_ids(self, prompt, chat: bool = False) -> list[int]:
+        """A ``Prompt``'s token ids: those it was given, or its text encoded."""
+        return list(prompt.tokens) if prompt.tokens is not None else self.encode(prompt.text, chat)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 

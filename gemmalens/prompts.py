@@ -17,9 +17,11 @@ class Prompt:
     text: str
     category: str | None = None
     subcategory: str | None = None
+    tokens: tuple[int, ...] | None = None  # given token ids (a corpus window, gemmalens/corpus.py): text unused
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The prompt as run.start lists it (given token ids are left out: each result carries them)."""
+        return {k: v for k, v in asdict(self).items() if k != "tokens"}
 
 
 DEFAULT_PROMPTS = {

@@ -38,6 +38,7 @@ class RunSpec:
     chat_mode: bool = False
     stop: tuple[str, ...] = ()
     prompts_file: str | None = None  # None: the built-in prompts
+    corpus: str | None = None  # instead: a packed corpus's windows (gemmalens/corpus.py), for gemmalens harvest
     category: str | None = None  # one category of the prompts file (--process-by-group)
     save_activations: bool = False
     capture: tuple[str, ...] = ()  # empty with save_activations: every point

@@ -429,13 +429,15 @@ def _merge_ends(ends: dict[str, dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"complete": all(e.get("complete") for e in ends.values()), "engines": sorted(ends)}
     reasons = sorted({e.get("reason") for e in ends.values() if e.get("reason")})
     merged["reason"] = "; ".join(reasons) or None
-    for key in ("prompts_done", "tokens", "bytes_raw", "bytes_wire"):
+    for key in ("prompts_done", "tokens", "prompt_tokens", "bytes_raw", "bytes_wire"):
         merged[key] = sum(e.get(key, 0) for e in ends.values())
+    merged["max_tokens"] = max((e.get("max_tokens", 0) for e in ends.values()), default=0)
     merged["prompts_total"] = sum(e.get("prompts_total", 0) for e in ends.values())
     merged["seconds"] = max((e.get("seconds", 0) for e in ends.values()), default=0)
     for key in ("engine_waited_seconds", "sinks_waited_seconds"):  # the engine held back longest
         merged[key] = max((e.get(key, 0.0) for e in ends.values()), default=0.0)
     merged["tokens_per_second"] = merged["tokens"] / merged["seconds"] if merged["seconds"] else 0.0
+    merged["prompt_tokens_per_second"] = merged["prompt_tokens"] / merged["seconds"] if merged["seconds"] else 0.0
     topics: dict[str, int] = {}
     for end in ends.values():
         for topic, count in end.get("topics", {}).items():

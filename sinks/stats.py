@@ -65,6 +65,8 @@ def describe(stats: dict[str, Any], written: int | None = None) -> str:
         parts.append(f"batch {batch}/{stats['batches_total']} step {stats.get('step', 0) + 1}/"
                      f"{stats.get('max_tokens', 0)}")
     parts.append(f"{stats.get('tokens_per_second') or 0.0:.1f} tok/s")
+    if stats.get("max_tokens") == 1:  # prompt passes only (gemmalens harvest): the tokens read are the work
+        parts.append(f"{stats.get('prompt_tokens_per_second') or 0.0:.0f} prompt tok/s")
     if written is not None:
         parts.append(f"{human_bytes(written)} written")
     seconds = stats.get("seconds") or 0.0
