@@ -175,6 +175,20 @@ def _check_dataset(spec: RunSpec, selection) -> None:
                                + " (attention scores and weights do not; `gemmalens names` lists the points)")
 
 
+def _check_ray(o: dict) -> None:
+    """``--ray``: the engines' addresses are Ray's to choose, and beyond this machine the bus needs CURVE."""
+    from . import cluster
+
+    given = [flag for flag, key in (("--bind", "bind"), ("--lossy-bind", "lossy_bind"), ("--control", "control"))
+             if o[key]]
+    if given:
+        raise click.UsageError(f"--ray places the engines: {', '.join(given)} cannot be used with it")
+    if not cluster.local(o["ray"]) and not require_pair(o, "curve_secret", "curve_allow") and not o["insecure"]:
+        raise click.UsageError(f"--ray {o['ray']}: the engines bind on their nodes' addresses; give --curve-secret "
+                               "and --curve-allow to encrypt the bus (or --insecure on a network you trust)")
+    cluster.connect(o["ray"])
+
+
 def _dataset_dest(text: str | None, group: str | None = None) -> str | None:
     """A dataset destination as the sink takes it: a URL as given, a local folder made absolute; a group's
     subfolder of it with --process-by-group."""
@@ -238,13 +252,23 @@ def _one_run(o: dict, spec: RunSpec, out: Path, acts: Path | None, category: str
         if spec.dataset and "://" not in spec.dataset:
             locks.append(FolderLock(spec.dataset).acquire())
         _check_folders(out, acts, spec.dataset, o["resume"])
-        return _launch(o, spec.replace(category=category), out, acts)
+        restarts = o["ray_restarts"] if o["ray"] else 0
+        while True:
+            code, died = _launch(o, spec.replace(category=category), out, acts)
+            if not died or restarts <= 0:
+                return code
+            restarts -= 1
+            click.echo(f"{', '.join(died)}: its Ray actor died; the run starts again on new actors with --resume "
+                       f"({restarts} restart(s) left)", err=True)
+            o = {**o, "resume": True}
     finally:
         for lock in locks:
             lock.release()
 
 
-def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
+def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> tuple[int, list[str]]:
+    """Runs engines and sinks to the end: the exit code, and the engines whose Ray actor died (a signal from
+    the user ends the run whatever died)."""
     run_id = secrets.token_hex(6)
     tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
     try:
@@ -254,6 +278,7 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
         reliable = [o["bind"] if o["bind"] and count == 1 else f"ipc://{tmp}/reliable{i}" for i in range(count)]
         lossy = [o["lossy_bind"] if o["lossy_bind"] and count == 1 else f"ipc://{tmp}/lossy{i}" for i in range(count)]
         security, client = _local_keys(o, tmp)
+        actors = _place_engines(o, count, reliable, lossy) if o["ray"] else []
         parent = ["--parent", str(os.getpid())]
         connect = [arg for address in reliable for arg in ("--connect", address)] + client + parent
         sinks = {"results": _spawn(["sink", "results", *connect, "--output-dir", str(out)]
@@ -277,8 +302,12 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
                                    "--port", str(o["web_port"]), *parent]))
         names = [*sinks, *o["expect_sink"]]
         engines = {}
+        if actors:
+            from .cluster import shipped
+
+            settings, security, files = shipped(spec.to_dict(), security)
         for i in range(count):
-            args = ["engine", "--spec", str(spec_file), "--bind", reliable[i], "--lossy-bind", lossy[i], *parent,
+            args = ["--bind", reliable[i], "--lossy-bind", lossy[i],
                     "--expect", str(len(names) + o["expect_remote"]), "--shard", f"{i}/{count}", "--run-id", run_id,
                     *security, *[a for name in names for a in ("--expect-sink", name)]]
             if o["resume"]:
@@ -286,11 +315,32 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> int:
             if o["verbose"]:
                 args.append("--verbose")
             args += control_args(o)
-            engines[f"engine {i}" if count > 1 else "engine"] = _spawn(args)
+            label = f"engine {i}" if count > 1 else "engine"
+            if actors:
+                actors[i].start(["--spec", "@run_config.json", *args], files, settings)
+                engines[label] = actors[i]
+            else:
+                engines[label] = _spawn(["engine", "--spec", str(spec_file), *parent, *args])
         received = _supervise(engines, sinks, viewers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _verdict(out, acts, spec.dataset, engines, sinks, received, run_id)
+    code = _verdict(out, acts, spec.dataset, engines, sinks, received, run_id)
+    from .cluster import DIED
+
+    return code, [name for name, e in engines.items() if actors and e.returncode == DIED and received is None]
+
+
+def _place_engines(o: dict, count: int, reliable: list[str], lossy: list[str]) -> list:
+    """Engine actors placed by Ray, one per engine; their endpoints (on their nodes) replace the local ones."""
+    from . import cluster
+
+    cpus, gpus = cluster.resources(o)
+    actors = [cluster.RayEngine(cpus, gpus) for _ in range(count)]
+    for i, actor in enumerate(actors):
+        host, port, lossy_port = actor.endpoint(cluster.local(o["ray"]))
+        reliable[i], lossy[i] = f"tcp://{host}:{port}", f"tcp://{host}:{lossy_port}"
+        click.echo(f"engine {i}: a Ray actor ({'1 GPU' if gpus else f'{cpus:g} CPU(s)'}) at {reliable[i]}", err=True)
+    return actors
 
 
 def _verdict(out: Path, acts: Path | None, dataset: str | None, engines: dict, sinks: dict, received: int | None,
@@ -384,6 +434,13 @@ def _verdict(out: Path, acts: Path | None, dataset: str | None, engines: dict, s
               help="Write only the captured points matching this glob to the dataset (repeatable).")
 @click.option("--dataset-shard-mb", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
               help="Close a dataset shard once it holds this many MB.")
+@click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run each engine in a Ray actor (a GPU each where the cluster has them): ADDRESS of a cluster "
+                   "(auto: the one this machine is in), or alone a local one (docs/scale.md).")
+@click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="CPUs each engine actor asks Ray for when the cluster has no GPU.")
+@click.option("--ray-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Times the run starts again (--resume, on new actors) after an engine's actor died.")
 @click.option("--corpus", default=None, hidden=True,
               help="Generate for a packed corpus's windows instead of prompts (what `gemmalens harvest` passes).")
 @control_options
@@ -399,6 +456,8 @@ def run(**o):
         return
     if o["control"] and o["engines"] > 1:
         raise click.UsageError("--control works with one engine (--engines 1)")
+    if o["ray"]:
+        _check_ray(o)
     npz = o["save_activations"] or o["activations_dir"] or (o["capture"] and not o["dataset"])
     if (o["capture"] or o["activations_dir"]) and not o["save_activations"]:
         o["save_activations"] = True  # capture is on; the npz archiver runs only if asked for (not for --dataset)
