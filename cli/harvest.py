@@ -40,6 +40,12 @@ from .options import DEFAULTS, reports_errors
               help="Close a dataset shard once it holds this many MB.")
 @click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engine processes sharing the windows (one per device).")
+@click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run each engine in a Ray actor: ADDRESS of a cluster, or alone a local one (docs/scale.md).")
+@click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="CPUs each engine actor asks Ray for when the cluster has no GPU.")
+@click.option("--ray-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Times the harvest starts again (--resume, on new actors) after an engine's actor died.")
 @click.option("--resume", is_flag=True, help="Continue a stopped harvest into the same folders.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",

@@ -42,7 +42,7 @@ OUTPUTS = [INDEX, "activations_step_*_batch_*.npz"]
 def default_processes() -> int:
     """Processes writing step files on this machine: one per four cores, at most four (more contend for the
     disk); one, this process, below eight cores, where the engine needs the cores and one process keeps up
-    (bench/capture.py, bench/archiver.py)."""
+    (bench/capture.py, bench/sinks.py)."""
     cores = os.cpu_count() or 1
     return min(4, cores // 4) if cores >= 8 else 1
 

@@ -10,7 +10,7 @@ archiver reads to build its index.
 each frame's header and forwards the message (ZeroMQ copies it without the GIL),
 and every step goes whole to one helper. Where one process's GIL is the limit
 (many cores, a fast disk), helpers multiply what the archiver takes
-(bench/archiver.py measures it).
+(bench/sinks.py measures it).
 """
 
 from __future__ import annotations
