@@ -5,8 +5,11 @@ same model (the real Gemma 3 270M, float32) and the same packed windows:
   summary (prompt tokens over the run's seconds, the dataset's last write and acknowledgement included);
 * SAELens: its own `CacheActivationsRunner` on TransformerLens' HookedTransformer (built from the same
   weights; offline), writing its cached-activations dataset; timed from `run()` (model loading excluded);
-* transformers: `Gemma3ForCausalLM` with a forward hook at the layer, values to numpy, nothing written (the
-  floor of any torch harvester on this machine); warmed up with one batch first.
+* transformers: `Gemma3ForCausalLM` with a forward hook at the layer that keeps its output (to numpy) and
+  stops the pass there, nothing written (what any torch harvester computes at least); warmed up with one
+  batch first.
+
+gemmalens and SAELens both stop the forward pass after the captured layer.
 
 All at the same batch size. The corpus is this repository's documentation, a paragraph per document.
 
@@ -73,28 +76,45 @@ def saelens_harvest(folder: Path, windows: np.ndarray, work: Path, args) -> floa
         hook_name=f"blocks.{args.layer}.hook_resid_post", d_in=640, training_tokens=windows.size,
         context_size=args.context, new_cached_activations_path=str(work / "saelens"), shuffle=False,
         dtype="float32", device="cpu", prepend_bos=False, streaming=False,
+        buffer_size_gb=windows.size * 640 * 4 * 1.01 / 1e9,  # one buffer: the whole corpus, one shard
         model_from_pretrained_kwargs={"hf_model": hf_model(folder), "tokenizer": AutoTokenizer.from_pretrained(folder),
                                       "dtype": torch.float32})
     runner = CacheActivationsRunner(config, override_dataset=datasets.Dataset.from_dict({"input_ids": windows}))
     started = time.perf_counter()
     runner.run()
-    return windows.size / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    written = datasets.load_from_disk(str(work / "saelens"))
+    return written.num_rows * args.context / seconds
 
 
 def transformers_hook(folder: Path, windows: np.ndarray, args) -> float:
     import torch
 
+    class Enough(Exception):
+        """Raised by the hook: the rest of the pass is not wanted."""
+
     model = hf_model(folder)
     kept = []
-    model.model.layers[args.layer].register_forward_hook(lambda module, inputs, output: kept.append(
-        (output[0] if isinstance(output, tuple) else output).numpy().copy()))
+
+    def keep(module, inputs, output):
+        kept.append((output[0] if isinstance(output, tuple) else output).numpy().copy())
+        raise Enough
+
+    def forward(batch):
+        try:
+            model(batch)
+        except Enough:
+            pass
+
+    model.model.layers[args.layer].register_forward_hook(keep)
     batches = [torch.tensor(windows[i:i + args.batch]) for i in range(0, len(windows), args.batch)]
     with torch.inference_mode():
-        model(batches[0])  # warm-up
+        forward(batches[0])  # warm-up
         kept.clear()
         started = time.perf_counter()
         for batch in batches:
-            model(batch)
+            forward(batch)
+    assert sum(len(k) for k in kept) == len(windows)
     return windows.size / (time.perf_counter() - started)
 
 
@@ -124,7 +144,8 @@ def main():
         ours, wall = gemmalens_harvest(work / "corpus.jsonl", work, args)
         print(f"gemmalens harvest: {ours:.0f} tok/s ({wall:.0f} tok/s counting the command's start and model load)",
               flush=True)
-        print(f"transformers forward + hook (no writing): {transformers_hook(folder, windows, args):.0f} tok/s",
+        print(f"transformers forward to the layer + hook (no writing): {transformers_hook(folder, windows, args):.0f} "
+              "tok/s",
               flush=True)
         try:
             print(f"SAELens CacheActivationsRunner: {saelens_harvest(folder, windows, work, args):.0f} tok/s",

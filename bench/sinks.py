@@ -8,7 +8,8 @@ token and per context of 128, into a folder, and into a local S3 server (moto, i
 object-storage client costs, without a network). Into a folder on the disk and into tmpfs (/dev/shm). No MLX
 and no GPU needed: what each sink can take on a machine, apart from the engine.
 
-    python bench/sinks.py [--steps 384] [--batch 64] [--processes 1,4] [--rounds 2] [--folder DIR] [--no-s3]
+    python bench/sinks.py [--steps 384] [--batch 64] [--processes 1,4] [--rounds 2] [--folder DIR]
+                          [--kinds npz,dataset,s3]
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def main():
     parser.add_argument("--processes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--folder", default=tempfile.gettempdir(), help="a folder on the disk to measure")
-    parser.add_argument("--no-s3", action="store_true", help="leave out the dataset into a local S3 server")
+    parser.add_argument("--kinds", type=lambda text: text.split(","), default=["npz", "dataset", "s3"],
+                        help="which sinks: npz, dataset (into folders), s3 (the dataset into a local S3 server)")
     args = parser.parse_args()
     run = messages(args.batch, args.steps)
     raw = args.steps * LAYERS * args.batch * HIDDEN * 2
@@ -131,24 +133,30 @@ def main():
     print(f"{os.cpu_count()} cores; {args.steps} steps of batch {args.batch}, {raw / 1e6:.0f} MB of bfloat16 frames")
 
     def measure(label, command, env=None):
-        rates = [sink_limit(run, raw, command(), env) for _ in range(args.rounds)]
+        rates = []
+        for _ in range(args.rounds):
+            rates.append(sink_limit(run, raw, command(), env))
+            for written in os.listdir(work) if os.path.isdir(work) else ():  # each round into an empty folder
+                shutil.rmtree(os.path.join(work, written), ignore_errors=True)
         print(f"{label}: " + " / ".join(f"{r:.0f}" for r in rates) + " MB/s", flush=True)
 
+    work = ""
     for place, folder in places:
         work = tempfile.mkdtemp(prefix="gl-sinks-", dir=folder)
         fresh = lambda: tempfile.mkdtemp(dir=work)  # noqa: E731  a new folder each round
         try:
-            for storage in ("stored", "deflate"):
+            for storage in ("stored", "deflate") if "npz" in args.kinds else ():
                 for processes in args.processes:
                     measure(f"npz {storage}, {processes} process(es), {place}",
                             lambda: ["npz", "--activations-dir", fresh(), "--processes", str(processes)]
                             + (["--no-compress-activations"] if storage == "stored" else []))
-            measure(f"dataset per token, {place}", lambda: ["dataset", "--dest", fresh()])
-            measure(f"dataset per context of 128, {place}",
-                    lambda: ["dataset", "--dest", fresh(), "--rows", "context", "--context", "128"])
+            if "dataset" in args.kinds:
+                measure(f"dataset per token, {place}", lambda: ["dataset", "--dest", fresh()])
+                measure(f"dataset per context of 128, {place}",
+                        lambda: ["dataset", "--dest", fresh(), "--rows", "context", "--context", "128"])
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    if not args.no_s3:
+    if "s3" in args.kinds:
         server, env = s3_server()
         try:
             rounds = iter(range(1 << 30))

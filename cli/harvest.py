@@ -1,9 +1,10 @@
 """``gemmalens harvest``: a text corpus's activations, window by window, into a dataset SAE trainers read.
 
 It packs the corpus into windows of ``--context`` tokens (gemmalens/corpus.py), then runs exactly what
-``gemmalens run`` runs, with the windows as prompts: prompt passes only (one greedy token, no sampling
-captures), the engine(s) and the dataset sink with a row per window, the results sink as the run's ledger
-(which windows are done: ``--resume`` continues a stopped harvest).
+``gemmalens run`` runs, with the windows as prompts: prompt passes only (``max_tokens`` 0: no token chosen,
+no cache, the pass stopped after the deepest captured layer), the engine(s) and the dataset sink with a row
+per window, the results sink as the run's ledger (which windows are done: ``--resume`` continues a stopped
+harvest).
 """
 
 from __future__ import annotations
@@ -65,5 +66,5 @@ def harvest(ctx, corpus, text_field, split, context, max_windows, **o):
                                     cache_root() / "corpora", text_field, split, max_windows)
     click.echo(f"harvest: {count} window(s) of {context} tokens from {corpus}", err=True)
     run = ctx.find_root().command.commands["run"]
-    ctx.invoke(run, **o, corpus=str(windows), max_tokens=1, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+    ctx.invoke(run, **o, corpus=str(windows), max_tokens=0, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
                positions="prompt", dataset_rows="context", context=context)

@@ -39,7 +39,7 @@ CAPTURE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 class GenerationConfig:
     """How to generate (the engine's side of a ``RunSpec``; defaults are its)."""
 
-    max_tokens: int = DEFAULTS.max_tokens
+    max_tokens: int = DEFAULTS.max_tokens  # 0: the prompt pass alone, no token chosen (gemmalens harvest)
     sampling: SamplingParams = SamplingParams()
     seed: int | None = DEFAULTS.seed
     batch_size: int = DEFAULTS.batch_size
@@ -52,8 +52,9 @@ class GenerationConfig:
     capture_dtype: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be a positive integer (0: the prompt pass alone), got "
+                              f"{self.max_tokens!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.seed is None:
@@ -85,8 +86,65 @@ def generate(
     """
     prompts = list(prompts)
     for start in range(0, len(prompts), config.batch_size):
-        yield from _generate_batch(model, tokenizer, prompts[start:start + config.batch_size], config, selection,
-                                   edits, control, start == 0, tuple(saes), monitor)
+        batch = prompts[start:start + config.batch_size]
+        if config.max_tokens == 0:
+            yield from _prompt_pass(model, tokenizer, batch, config, selection, edits, tuple(saes), monitor)
+        else:
+            yield from _generate_batch(model, tokenizer, batch, config, selection, edits, control, start == 0,
+                                       tuple(saes), monitor)
+
+
+def layers_needed(names, saes: tuple, edits) -> int | None:
+    """How many blocks a forward pass must run for these captured ``names`` when nothing else is wanted of it:
+    up to the deepest captured layer; None (all, and the logits) when a point after the blocks, an SAE or an
+    edit is involved."""
+    if saes or edits:
+        return None
+    deepest = 0
+    for name in names:
+        parts = name.split(".")
+        if name.startswith("model.layers.") and parts[2].isdigit():
+            deepest = max(deepest, int(parts[2]) + 1)
+        elif not name.startswith("model.embed_"):
+            return None
+    return deepest
+
+
+def _prompt_pass(model, tokenizer, prompts: list[Prompt], config: GenerationConfig, selection: Selection,
+                 prepared: Sequence[Prepared], saes: tuple, monitor: SaeMonitor | None):
+    """A batch's prompt pass alone (``max_tokens`` 0): its captured values, an empty step, each row's result
+    (no token) and the batch's end. The pass stops after the deepest block a capture needs."""
+    started = time.perf_counter()
+    indices, batch = [p.index for p in prompts], prompts[0].index
+    rows = [tokenizer.prompt_ids(p, config.chat) for p in prompts]
+    ids, pad = tokenizer.pad_batch(rows)
+    width, pads = ids.shape[1], pad.tolist()
+    edits = BatchEdits(prepared, prompts, pads, width, model.dtype) if prepared else None
+    if edits:
+        yield InterventionEvent(batch, 0, edits.records())
+    wanted = selection.names_for_step(0)
+    step_edits = edits.at(0, np.arange(width)) if edits else None
+    cap = Capture(wanted, step_edits, saes, edits.plan if edits else {}) if wanted or step_edits or saes \
+        else NO_CAPTURE
+    model(ids, pad, None, cap, last_only=True, layers=layers_needed(wanted, saes, step_edits))
+    captured, measured = cap.take(), cap.sae_stats
+    frames = 0
+    live = [True] * len(prompts)
+    if captured:
+        values = StepValues(captured, host_copier(), CAPTURE_DTYPES.get(config.capture_dtype))
+        mx.eval(list(values.buffers.values()))
+        for event in _activation_events(values, selection, batch, 0, indices, pads, live, width):
+            frames += 1
+            yield event
+    if monitor is not None and measured:
+        monitor.add(measured, np.arange(width)[None, :] >= np.array(pads)[:, None])
+    yield StepEvent(batch, 0, [], [], [], frames)
+    seconds = time.perf_counter() - started
+    for r, prompt in enumerate(prompts):
+        yield ResultEvent(_result(tokenizer, config, prompt, tokenizer.format(prompt.text, config.chat), rows[r], [],
+                                  "length", started, seconds, started + seconds,
+                                  edits.ids_for(prompt.index) if edits else []))
+    yield BatchEndEvent(batch, list(indices), 1)
 
 
 class DecodeStep:

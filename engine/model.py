@@ -333,12 +333,14 @@ class Gemma3(nn.Module):
         cache: Cache | None = None,
         cap: Capture = NO_CAPTURE,
         last_only: bool = False,
-    ) -> mx.array:
+        layers: int | None = None,
+    ) -> mx.array | None:
         """Logits ``[B, L, V]`` (``[B, 1, V]`` with ``last_only``) for token ids ``[B, L]``.
 
         ``pad`` ``[B]`` counts each row's leading pad tokens (left padding);
         ``cache`` from ``make_cache`` continues a sequence, otherwise ``ids``
-        is the whole sequence.
+        is the whole sequence. ``layers``: run only the first ``layers`` blocks and return None (what a
+        capture that needs nothing later computes: ``gemmalens harvest``).
         """
         c = self.config
         B, L = ids.shape
@@ -352,7 +354,7 @@ class Gemma3(nn.Module):
         rotary = {True: (self.local_rope, start), False: (self.global_rope, start)}
         total = cache.capacity if cache is not None else L  # key slots an attention capture covers
         views = {}
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.model.layers[:layers]):
             sliding = layer.sliding
             layer_cache = cache[i] if cache is not None else None
             if sliding not in views:
@@ -363,6 +365,8 @@ class Gemma3(nn.Module):
                 self._logit_lens(layer.p, h, cap)
         if cache is not None:
             cache.offset = offset + L
+        if layers is not None:
+            return None
 
         if last_only:
             h = h[:, -1:]

@@ -46,10 +46,13 @@ def human_bytes(count: float) -> str:
 
 
 def eta_seconds(stats: dict[str, Any]) -> float | None:
-    """Seconds left, from the share of decode steps done (every batch counted at its ``max_tokens`` steps)."""
-    total = stats.get("batches_total", 0) * stats.get("max_tokens", 0)
-    done = stats.get("batches_done", 0) * stats.get("max_tokens", 0)
-    if stats.get("batch") is not None and stats.get("batches_done", 0) < stats.get("batches_total", 0):
+    """Seconds left, from the share of decode steps done (every batch counted at its ``max_tokens`` steps; a
+    batch as one pass when there is no decoding)."""
+    steps = stats.get("max_tokens", 0) or 1
+    total = stats.get("batches_total", 0) * steps
+    done = stats.get("batches_done", 0) * steps
+    if stats.get("max_tokens") and stats.get("batch") is not None and \
+            stats.get("batches_done", 0) < stats.get("batches_total", 0):
         done += stats.get("step", 0) + 1
     seconds = stats.get("seconds") or 0.0
     if not done or not total or not seconds:
@@ -65,7 +68,7 @@ def describe(stats: dict[str, Any], written: int | None = None) -> str:
         parts.append(f"batch {batch}/{stats['batches_total']} step {stats.get('step', 0) + 1}/"
                      f"{stats.get('max_tokens', 0)}")
     parts.append(f"{stats.get('tokens_per_second') or 0.0:.1f} tok/s")
-    if stats.get("max_tokens") == 1:  # prompt passes only (gemmalens harvest): the tokens read are the work
+    if stats.get("max_tokens") == 0:  # prompt passes only (gemmalens harvest): the tokens read are the work
         parts.append(f"{stats.get('prompt_tokens_per_second') or 0.0:.0f} prompt tok/s")
     if written is not None:
         parts.append(f"{human_bytes(written)} written")

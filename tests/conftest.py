@@ -36,3 +36,12 @@ def tiny_folder(tmp_path_factory):
 
     config = tiny_config(vocab_size=262144)
     return write_hf_folder(tmp_path_factory.mktemp("tiny") / "model", config, random_weights(config))
+
+
+def pytest_collection_modifyitems(items):
+    """Two workers (pytest-xdist, ``--dist loadgroup``): a test file's tests stay together (its module fixtures
+    run once), and every test of the real weights goes to one worker, which loads them and transformers'
+    reference once."""
+    for item in items:
+        real = {"real", "hf_reference"} & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("real")
+        item.add_marker(pytest.mark.xdist_group("real" if real else item.module.__name__))

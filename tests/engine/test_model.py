@@ -151,3 +151,20 @@ def test_quantized_projections_are_not_joined_and_replaced_ones_are_called():
             assert module.fused.keep(module) == []  # packed weights cannot be joined into one product
     assert mx.array_equal(model(ids), before)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+
+
+def test_a_pass_stopped_after_some_blocks_captures_what_the_whole_pass_does():
+    from gemmalens.engine.capture import Capture
+    from gemmalens.engine.generation import layers_needed
+
+    config = tiny_config()
+    model = mlx_model(config, random_weights(config))
+    ids = mx.array([list(range(3, 30))])
+    names = frozenset({"model.layers.0.resid_out", "model.layers.1.mlp.hidden"})
+    assert layers_needed(names, (), None) == 2
+    assert layers_needed(names | {"model.norm_out"}, (), None) is None and layers_needed(set(), (), None) == 0
+    whole, stopped = Capture(names), Capture(names)
+    model(ids, cap=whole)
+    assert model(ids, cap=stopped, layers=2) is None
+    taken, expected = stopped.take(), whole.take()
+    assert set(taken) == names and all(mx.array_equal(v, expected[k]) for k, v in taken.items())
