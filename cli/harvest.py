@@ -47,6 +47,11 @@ from .options import DEFAULTS, reports_errors
               help="CPUs each engine actor asks Ray for when the cluster has no GPU.")
 @click.option("--ray-restarts", type=click.IntRange(min=0), default=3, show_default=True,
               help="Times the harvest starts again (--resume, on new actors) after an engine's actor died.")
+@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The engines' NAME.key_secret: encrypt and authenticate the bus (CURVE; engines on other nodes).")
+@click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of the remote sinks' public keys to accept.")
+@click.option("--insecure", is_flag=True, help="Let engines on other nodes bind without CURVE.")
 @click.option("--resume", is_flag=True, help="Continue a stopped harvest into the same folders.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
