@@ -271,6 +271,7 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> tuple[int, 
     the user ends the run whatever died)."""
     run_id = secrets.token_hex(6)
     tmp = Path(tempfile.mkdtemp(prefix="gemmalens-"))
+    actors = []
     try:
         spec_file = tmp / RUN_CONFIG
         spec_file.write_text(json.dumps(spec.to_dict()))
@@ -323,6 +324,8 @@ def _launch(o: dict, spec: RunSpec, out: Path, acts: Path | None) -> tuple[int, 
                 engines[label] = _spawn(["engine", "--spec", str(spec_file), *parent, *args])
         received = _supervise(engines, sinks, viewers)
     finally:
+        for actor in actors:  # each segment's actors go with it: their resources are the next segment's
+            actor.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     code = _verdict(out, acts, spec.dataset, engines, sinks, received, run_id)
     from .cluster import DIED
