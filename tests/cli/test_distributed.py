@@ -269,15 +269,3 @@ def test_two_engines_placed_by_ray_equal_one_engine_without_it(tmp_path, tiny_fo
     assert "engine 1: a Ray actor (1 CPU(s)) at tcp://127.0.0.1:" in out.stderr
     assert_same_outputs(tmp_path / "ray", reference)
 
-
-def test_an_engine_actor_killed_mid_run_is_replaced_and_the_run_completes_identical(tmp_path, tiny_folder, reference):
-    out = tmp_path / "ray"
-    proc = start_run(tiny_folder, out, "--engines", 2, "--ray")
-    wait_for_results(out, 1)  # the run under way; each engine has at least one batch of its share to go
-    engine = next(p for p in psutil.process_iter(["cmdline"])
-                  if "gemmalens.cli.main engine" in " ".join(p.info["cmdline"] or ())
-                  and "EngineHost" in " ".join(p.parent().cmdline()))
-    engine.parent().send_signal(signal.SIGKILL)  # the actor's worker process: Ray reports the actor dead
-    assert proc.wait(300) == 0, proc.communicate()[1]
-    assert "its Ray actor died; the run starts again on new actors with --resume" in proc.communicate()[1]
-    assert_same_outputs(out, reference)
