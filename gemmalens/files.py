@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import FolderBusy, GemmalensError
 
@@ -53,13 +54,15 @@ def sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a synced temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Any]:
+    """A binary file to write ``path`` through: a synced temporary file renamed into place once the block ends
+    without an error; otherwise removed, and ``path`` untouched."""
     path = Path(path)
     partial = partial_path(path)
     try:
         with open(partial, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
@@ -67,6 +70,15 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     except OSError as error:
         partial.unlink(missing_ok=True)
         raise write_failed(path, error) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a synced temporary file and a rename."""
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def dump_json(path: str | Path, value: Any) -> None:

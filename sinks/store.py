@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from pathlib import Path
 from typing import Any, Iterator
 
 from gemmalens.errors import GemmalensError
-from gemmalens.files import dump_json, partial_path, sync_folder, write_failed
+from gemmalens.files import atomic_file, dump_json, write_failed
 
 
 class StoreError(GemmalensError):
@@ -90,21 +88,8 @@ class Store:
     def writing(self, name: str) -> Iterator[Any]:
         """A binary file to write ``name`` through: whole once the block ends without an error, else absent."""
         if self.local:
-            path = Path(self.path(name))
-            partial = partial_path(path)
-            try:
-                with open(partial, "wb") as handle:
-                    yield handle
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(partial, path)
-                sync_folder(path.parent)
-            except OSError as error:
-                partial.unlink(missing_ok=True)
-                raise write_failed(path, error) from None
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+            with atomic_file(self.path(name)) as handle:
+                yield handle
             return
         handle = self.fs.open(self.path(name), "wb")
         try:
