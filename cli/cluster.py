@@ -92,7 +92,8 @@ class RayEngine:
     def __init__(self, cpus: float, gpus: float):
         import ray
 
-        self.actor = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(EngineHost).remote()
+        # two threads: ``run`` waits on the engine the whole run, ``signal`` must reach it meanwhile
+        self.actor = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=2)(EngineHost).remote()
         self.ref = None
         self.returncode: int | None = None
 

@@ -224,20 +224,25 @@ def _run_spec(o: dict, out: Path, acts: Path | None, dataset: str | None = None)
     return stored.replace(**{k: v for k, v in explicit.items() if k in RunSpec.FREE}, **folders)
 
 
-def _check_folders(out: Path, acts: Path | None, dataset: str | None, resume: bool) -> None:
-    """A new run into folders holding an incomplete run is refused: ``--resume`` continues it."""
+def _folder_states(out: Path, acts: Path | None, dataset: str | None) -> list[dict]:
+    """What each sink's folder holds (a run, complete or not, and its prompts done)."""
     from gemmalens.sinks.npz import folder_state as activations_state
     from gemmalens.sinks.results import folder_state as results_state
 
-    if resume:
-        return
     states = [results_state(out)] + ([activations_state(acts)] if acts is not None else [])
     if dataset:
         from gemmalens.sinks.arrowdata import DatasetWriter
         from gemmalens.sinks.store import open_store
 
         states.append(DatasetWriter(open_store(dataset)).state())
-    for state in states:
+    return states
+
+
+def _check_folders(out: Path, acts: Path | None, dataset: str | None, resume: bool) -> None:
+    """A new run into folders holding an incomplete run is refused: ``--resume`` continues it."""
+    if resume:
+        return
+    for state in _folder_states(out, acts, dataset):
         if state.get("run") and not state["complete"]:
             raise click.UsageError(
                 f"{state['folder']} holds an incomplete run ({len(state['have'])} prompt(s) done): continue it with "
@@ -258,9 +263,11 @@ def _one_run(o: dict, spec: RunSpec, out: Path, acts: Path | None, category: str
             if not died or restarts <= 0:
                 return code
             restarts -= 1
-            click.echo(f"{', '.join(died)}: its Ray actor died; the run starts again on new actors with --resume "
-                       f"({restarts} restart(s) left)", err=True)
-            o = {**o, "resume": True}
+            resume = o["resume"] or any(state.get("run") for state in _folder_states(out, acts, spec.dataset))
+            click.echo(f"{', '.join(died)}: its Ray actor died; the run starts again on new actors"
+                       f"{' with --resume' if resume else ' (nothing was written yet)'} ({restarts} restart(s) left)",
+                       err=True)
+            o = {**o, "resume": resume}
     finally:
         for lock in locks:
             lock.release()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,3 +270,28 @@ def test_two_engines_placed_by_ray_equal_one_engine_without_it(tmp_path, tiny_fo
     assert "engine 1: a Ray actor (1 CPU(s)) at tcp://127.0.0.1:" in out.stderr
     assert_same_outputs(tmp_path / "ray", reference)
 
+
+
+def test_an_engine_actor_killed_mid_run_is_replaced_and_the_run_completes_identical(tmp_path, tiny_folder, reference):
+    out = tmp_path / "ray"
+    log = tmp_path / "run.log"  # not a pipe: Ray's forwarded logs could fill one and hold the run
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", "run", "--model", str(tiny_folder),
+                                 *map(str, RUN), "--output-dir", str(out), "--engines", "2", "--ray"],
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+    engine, deadline = None, time.monotonic() + 120
+    while engine is None and time.monotonic() < deadline and proc.poll() is None:
+        placed = re.search(r"engine 1: a Ray actor \(1 CPU\(s\)\) at (\S+)", log.read_text())
+        engine = placed and next((p for p in psutil.process_iter(["cmdline"])
+                                  if f"--bind {placed[1]} " in " ".join(p.info["cmdline"] or ())), None)
+    assert engine is not None, "engine 1 never started: " + log.read_text()
+    engine.suspend()  # held before it sent anything: its whole share is still to do when its actor dies
+    wait_for_results(out, 1)  # while engine 0's results come in: the run is under way
+    worker = engine.parent()
+    assert "EngineHost" in " ".join(worker.cmdline())
+    worker.kill()  # the actor's worker: Ray reports the actor dead
+    engine.kill()  # and its engine with it, as when a node is lost
+    assert proc.wait(300) == 0, log.read_text()
+    assert "engine 1: its Ray actor died; the run starts again on new actors with --resume (2 restart(s) left)" \
+        in log.read_text()
+    assert_same_outputs(out, reference)
