@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from .options import DEFAULTS, reports_errors
+from .options import DEFAULTS, cluster_options, reports_errors
 
 
 @click.command()
@@ -39,24 +39,12 @@ from .options import DEFAULTS, reports_errors
               help="The run's ledger: results.jsonl (a line per window done), summary.json, run_config.json.")
 @click.option("--dataset-shard-mb", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
               help="Close a dataset shard once it holds this many MB.")
-@click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Engine processes sharing the windows (one per device).")
-@click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
-              help="Run each engine in a Ray actor: ADDRESS of a cluster, or alone a local one (docs/scale.md).")
-@click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="CPUs each engine actor asks Ray for when the cluster has no GPU.")
-@click.option("--ray-restarts", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Times the harvest starts again (--resume, on new actors) after an engine's actor died.")
-@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The engines' NAME.key_secret: encrypt and authenticate the bus (CURVE; engines on other nodes).")
-@click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of the remote sinks' public keys to accept.")
-@click.option("--insecure", is_flag=True, help="Let engines on other nodes bind without CURVE.")
 @click.option("--resume", is_flag=True, help="Continue a stopped harvest into the same folders.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
               help="Seconds between progress lines when stderr is not a terminal.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
+@cluster_options
 @click.pass_context
 @reports_errors
 def harvest(ctx, corpus, text_field, split, context, max_windows, **o):

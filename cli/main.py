@@ -28,8 +28,8 @@ from .control import control
 from .engine import engine
 from .harvest import harvest
 from .report import report
-from .options import (INTERVENTION_OPTIONS, SPEC_OPTIONS, addresses, control_args, control_options, generation_options,
-                      reports_errors, require_pair, spec_from)
+from .options import (INTERVENTION_OPTIONS, SPEC_OPTIONS, addresses, cluster_options, control_args, control_options,
+                      generation_options, reports_errors, require_pair, spec_from)
 from .sinks import attach, keys, sink
 
 EXIT_ON_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -419,13 +419,6 @@ def _verdict(out: Path, acts: Path | None, dataset: str | None, engines: dict, s
 @click.option("--expect-remote", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also wait for this many sinks started elsewhere (connect them to --bind).")
 @click.option("--expect-sink", multiple=True, metavar="NAME", help="Also wait for the remote sink of this name.")
-@click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Engine processes sharing the prompts (one per device); the sinks merge their output.")
-@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The engine's NAME.key_secret: encrypt and authenticate the bus (CURVE).")
-@click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of the remote sinks' public keys to accept.")
-@click.option("--insecure", is_flag=True, help="Allow --bind beyond loopback without CURVE.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--progress-every", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="SECONDS",
               help="Seconds between progress lines when stderr is not a terminal (a terminal gets a live bar).")
@@ -444,16 +437,10 @@ def _verdict(out: Path, acts: Path | None, dataset: str | None, engines: dict, s
               help="Write only the captured points matching this glob to the dataset (repeatable).")
 @click.option("--dataset-shard-mb", type=click.FloatRange(min=0, min_open=True), default=500.0, show_default=True,
               help="Close a dataset shard once it holds this many MB.")
-@click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
-              help="Run each engine in a Ray actor (a GPU each where the cluster has them): ADDRESS of a cluster "
-                   "(auto: the one this machine is in), or alone a local one (docs/scale.md).")
-@click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="CPUs each engine actor asks Ray for when the cluster has no GPU.")
-@click.option("--ray-restarts", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Times the run starts again (--resume, on new actors) after an engine's actor died.")
 @click.option("--corpus", default=None, hidden=True,
               help="Generate for a packed corpus's windows instead of prompts (what `gemmalens harvest` passes).")
 @control_options
+@cluster_options
 @reports_errors
 def run(**o):
     """Generate for a prompt set with the engine and sinks as separate processes."""

@@ -105,6 +105,30 @@ def control_options(command):
     return command
 
 
+def cluster_options(command):
+    """Engines, their placement by Ray and the bus's CURVE keys, shared by ``run`` and ``harvest``."""
+    options = [
+        click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Engine processes sharing the prompts (one per device); the sinks merge their output."),
+        click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="The engine's NAME.key_secret: encrypt and authenticate the bus (CURVE)."),
+        click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Folder of the remote sinks' public keys to accept."),
+        click.option("--insecure", is_flag=True,
+                     help="Let engines bind beyond loopback (--bind, --ray ADDRESS) without CURVE."),
+        click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                     help="Run each engine in a Ray actor (a GPU each where the cluster has them): ADDRESS of a "
+                          "cluster (auto: the one this machine is in), or alone a local one (docs/scale.md)."),
+        click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                     help="CPUs each engine actor asks Ray for when the cluster has no GPU."),
+        click.option("--ray-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+                     help="Times the run starts again (--resume, on new actors) after an engine's actor died."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def control_args(options: dict) -> list[str]:
     """The control options as ``gemmalens engine`` arguments (what ``run`` passes on)."""
     if not options.get("control"):
