@@ -193,8 +193,7 @@ def test_a_slow_archival_subscriber_receives_every_frame_and_the_engine_waits_fo
 def test_a_sink_killed_mid_run_is_named_and_the_run_is_incomplete(tmp_path):
     publisher = Publisher(reliable="tcp://127.0.0.1:0", expect=1, high_water_mark=2, queue_size=2, reconnect_grace=1)
     sink = start_subscriber(publisher.endpoints["reliable"], tmp_path / "out.json", delay=0.05)
-    killer = threading.Thread(target=lambda: (time.sleep(3), sink.send_signal(signal.SIGKILL)))
-    killer.start()
+    killer = when_running(publisher, lambda: sink.send_signal(signal.SIGKILL))  # after its hello, however slow
     _, totals = small_run(publisher, max_tokens=40, capture=("model.layers.*.resid_out",))
     killer.join()
     assert not totals["complete"] and "sink recorder disconnected" in totals["reason"]
