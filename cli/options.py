@@ -115,7 +115,7 @@ def cluster_options(command):
         click.option("--curve-allow", type=click.Path(exists=True, file_okay=False), default=None,
                      help="Folder of the remote sinks' public keys to accept."),
         click.option("--insecure", is_flag=True,
-                     help="Let engines bind beyond loopback (--bind, --ray ADDRESS) without CURVE."),
+                     help="Let the bus reach beyond loopback without CURVE (engines on other nodes, run's --bind)."),
         click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
                      help="Run each engine in a Ray actor (a GPU each where the cluster has them): ADDRESS of a "
                           "cluster (auto: the one this machine is in), or alone a local one (docs/scale.md)."),
