@@ -182,10 +182,12 @@ def test_keys_command_writes_a_pair(tmp_path):
     assert oct((tmp_path / "engine.key_secret").stat().st_mode)[-3:] == "600"
 
 
-def start_run(tiny_folder, out, *extra, env=None):
+def start_run(tiny_folder, out, *extra, env=None, log=None):
+    """``run`` with RUN's settings; its output piped, or both streams into the open file ``log``."""
     return subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", "run", "--model", str(tiny_folder),
                              *map(str, RUN), "--output-dir", str(out), *map(str, extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                            text=True, env=env)
 
 
 def wait_for_results(out, count, timeout=120):
@@ -271,16 +273,14 @@ def test_two_engines_placed_by_ray_equal_one_engine_without_it(tmp_path, tiny_fo
     assert_same_outputs(tmp_path / "ray", reference)
 
 
-
 def test_an_engine_actor_killed_mid_run_is_replaced_and_the_run_completes_identical(tmp_path, tiny_folder, reference):
     out = tmp_path / "ray"
     log = tmp_path / "run.log"  # not a pipe: Ray's forwarded logs could fill one and hold the run
-    with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "gemmalens.cli.main", "run", "--model", str(tiny_folder),
-                                 *map(str, RUN), "--output-dir", str(out), "--engines", "2", "--ray"],
-                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+    with log.open("w") as output:
+        proc = start_run(tiny_folder, out, "--engines", 2, "--ray", log=output)
     engine, deadline = None, time.monotonic() + 120
     while engine is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # the engine takes seconds to start: a look every 20 ms finds it long before it sends
         placed = re.search(r"engine 1: a Ray actor \(1 CPU\(s\)\) at (\S+)", log.read_text())
         engine = placed and next((p for p in psutil.process_iter(["cmdline"])
                                   if f"--bind {placed[1]} " in " ".join(p.info["cmdline"] or ())), None)
